@@ -1,0 +1,113 @@
+"""The registry interface that every backend implements.
+
+Rules of this file: backends do I/O only. Retry, backoff, caching and the decision of
+when to refresh live in `sidecar.registration` and `sidecar.discovery`, which are the
+same for every backend. A backend translates its own failures into the small error tree
+below, in one place, and never puts a secret (an ACL token) into an error message.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Status = Literal["passing", "warning", "critical"]
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One registered instance of a service: where its sidecar's inbound listener is."""
+
+    id: str
+    name: str
+    address: str
+    port: int
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    """How the registry should judge this instance's liveness on its own.
+
+    `ttl`: the instance is considered gone (local) or critical (consul) when no report
+    arrives for this long. `deregister_after`: consul removes an instance that stayed
+    critical this long (the backstop for a sidecar killed with SIGKILL).
+    """
+
+    ttl: float
+    deregister_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """The answer to a (possibly blocking) discovery query.
+
+    `known` is False when the registry has never heard of the name (the outbound
+    listener answers 404); `instances` holds only the healthy, live ones (503 when
+    empty). `index` is the value to pass to the next query.
+    """
+
+    index: int
+    known: bool
+    instances: tuple[Instance, ...]
+
+
+class RegistryError(Exception):
+    """Base of the registry errors; messages name the backend and what failed."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry could not be reached or answered with a server error."""
+
+
+class RegistrationLost(RegistryError):
+    """The registry no longer knows this instance (agent restarted, state wiped)."""
+
+
+class RegistryDenied(RegistryError):
+    """The registry refused the operation (for Consul: an ACL permission is missing)."""
+
+
+class Registry(abc.ABC):
+    """A service registry backend."""
+
+    kind: str = "abstract"
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Prepare connections or files. Must not fail when the registry is down."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or files."""
+
+    @abc.abstractmethod
+    async def register(self, instance: Instance, check: CheckSpec, status: Status, note: str) -> None:
+        """Create or replace the registration of `instance` with the given health."""
+
+    @abc.abstractmethod
+    async def report(self, instance_id: str, status: Status, note: str) -> None:
+        """Refresh the instance's liveness and health. Raise RegistrationLost if unknown."""
+
+    @abc.abstractmethod
+    async def deregister(self, instance_id: str) -> None:
+        """Remove the instance. Removing an unknown instance is not an error."""
+
+    @abc.abstractmethod
+    async def query(self, name: str, index: int, wait: float) -> QueryResult:
+        """Healthy instances of `name`.
+
+        With index 0, answer at once. Otherwise block until the answer differs from the
+        one that `index` stands for, or until `wait` seconds have passed (then answer
+        with the same index).
+        """
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-able summary for /status. Never includes secrets."""
+        return {"kind": self.kind}

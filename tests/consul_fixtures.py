@@ -1,0 +1,1 @@
+"""Pytest fixtures around the Consul test agent (tests/consul_agent.py)."""
