@@ -1,0 +1,634 @@
+"""The Consul registry backend: a local Consul agent over its HTTP API, through py-consul.
+
+Rules of this file:
+- I/O and translation only. Retries, TTL refresh timing, caching and fail-static live in
+  `sidecar.registration` and `sidecar.discovery`.
+- Every HTTP call goes through `ConsulRegistry._request`, the one place where transport
+  failures and status codes become `RegistryUnavailable`, `RegistryDenied` or
+  `RegistryError`; 404 is handed back to the caller, whose meaning depends on the call.
+- The ACL token travels only in the `X-Consul-Token` header (py-consul's
+  `prepare_headers`). It never appears in a URL, a log line, an exception message,
+  `repr()` or `describe()`; text that comes from outside (Consul's error bodies, aiohttp's
+  messages) is scrubbed of it anyway.
+
+py-consul 1.8.0 provides the client (`consul.aio.Consul`: URL building, the token header)
+but three of its defaults do not fit, so we adjust them here:
+- its aiohttp transport builds `TCPConnector(verify_ssl=..., ssl_context=...)`, deprecated
+  in aiohttp 3.x, drops the client certificate when verification is off, and must be
+  constructed inside a running loop: `_AgentHTTPClient` builds the connector with `ssl=`
+  and is created in `open()`;
+- its `_request` does not release the response when cancelled (a blocking query cut by a
+  timeout): ours uses `async with`;
+- `consul.base.Consul` lets `CONSUL_HTTP_TOKEN` from the process environment override an
+  explicit token: we set the token from `ConsulSettings` after construction, so the
+  settings are the only source.
+We call its low-level `http.get/put` rather than `agent.service.register` and friends
+because those hide what we must see: status 404 (`CB.boolean` turns it into False), the
+response headers (`X-Consul-Results-Filtered-By-ACLs`), and the check update endpoint
+(`/v1/agent/check/update/:id`, which py-consul lacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import ssl
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import consul.aio
+import consul.base
+
+from sidecar.registry.base import (
+    CheckSpec,
+    Instance,
+    QueryResult,
+    RegistrationLost,
+    Registry,
+    RegistryDenied,
+    RegistryError,
+    RegistryUnavailable,
+    Status,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDR = "127.0.0.1:8500"
+DEFAULT_TIMEOUT = 10.0
+
+# Go's strconv.ParseBool, which Consul uses for CONSUL_HTTP_SSL and CONSUL_HTTP_SSL_VERIFY.
+_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _parse_bool(value: str, label: str) -> bool:
+    if value.strip() in _TRUE:
+        return True
+    if value.strip() in _FALSE:
+        return False
+    raise ValueError(f"{label}: expected true or false, got {value!r}")
+
+
+def _split_addr(addr: str, label: str) -> tuple[str, str, int]:
+    """`host:port` or `scheme://host[:port]` -> (scheme, host, port), as Consul reads it.
+
+    Without a scheme the address is plain HTTP; a URL without a port uses the scheme's
+    default port, as Consul's Go client does.
+    """
+    text = addr.strip()
+    if not text:
+        raise ValueError(f"{label}: empty address")
+    has_scheme = "://" in text
+    parts = urllib.parse.urlsplit(text if has_scheme else f"http://{text}")
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        raise ValueError(f"{label}: unix sockets are not supported, use host:port")
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"{label}: unsupported scheme {parts.scheme!r} (use http or https)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{label}: expected host:port or scheme://host:port, got {addr!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{label}: bad port in {addr!r} (expected 1-65535)") from None
+    if port == 0:
+        raise ValueError(f"{label}: bad port in {addr!r} (expected 1-65535)")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{label}: missing host in {addr!r}")
+    if port is None:
+        if not has_scheme and text.endswith(":"):
+            raise ValueError(f"{label}: bad port in {addr!r} (expected 1-65535)")
+        port = _DEFAULT_PORTS[scheme]
+    return scheme, host, port
+
+
+def _check_token(token: str, label: str) -> None:
+    # Never echo the value: the message names only the source.
+    if not token or any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ValueError(f"{label}: the token is empty or contains whitespace or control characters")
+
+
+def _go_duration(seconds: float) -> str:
+    """Seconds -> a Go duration string that Consul accepts: 15 -> "15s", 1.5 -> "1500ms"."""
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"duration must be a positive number of seconds, got {seconds!r}")
+    ms = max(1, round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+@dataclass(frozen=True, repr=False)
+class ConsulSettings:
+    """How to reach the Consul agent: address, ACL token and TLS.
+
+    `addr` is `host:port` or `http(s)://host[:port]`. Build it from flags and the
+    environment with `from_sources`, which follows Consul's own conventions.
+    """
+
+    addr: str = DEFAULT_ADDR
+    token: str | None = None
+    cacert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    verify: bool = True
+    datacenter: str | None = None
+
+    def __post_init__(self) -> None:
+        _split_addr(self.addr, "consul addr")
+        if self.token is not None:
+            _check_token(self.token, "consul token")
+        if self.client_key and not self.client_cert:
+            raise ValueError("consul client key: given without a client certificate")
+        if self.datacenter is not None and not self.datacenter.strip():
+            raise ValueError("datacenter: empty name")
+
+    @property
+    def scheme(self) -> str:
+        return _split_addr(self.addr, "consul addr")[0]
+
+    @property
+    def host(self) -> str:
+        return _split_addr(self.addr, "consul addr")[1]
+
+    @property
+    def port(self) -> int:
+        return _split_addr(self.addr, "consul addr")[2]
+
+    @property
+    def hostport(self) -> str:
+        """`host:port` with IPv6 hosts in brackets, for URLs and messages."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.hostport}"
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    def __repr__(self) -> str:
+        token = "<set>" if self.token else None
+        return (
+            f"ConsulSettings(addr={self.url!r}, token={token}, cacert={self.cacert!r}, "
+            f"client_cert={self.client_cert!r}, client_key={self.client_key!r}, verify={self.verify}, "
+            f"datacenter={self.datacenter!r})"
+        )
+
+    __str__ = __repr__
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, str | None], env: Mapping[str, str]) -> ConsulSettings:
+        """Settings from CLI flags (keys `consul_addr`, `consul_token`...) and the environment.
+
+        A flag that is not None wins over its environment variable; an empty environment
+        variable counts as unset, as in Consul. Environment: `CONSUL_HTTP_ADDR`,
+        `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_TOKEN_FILE` (wins over `CONSUL_HTTP_TOKEN`, as in
+        Consul's Go client), `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY`,
+        `CONSUL_HTTP_SSL` (https when the address has no scheme), `CONSUL_HTTP_SSL_VERIFY`.
+        Bad values raise ValueError naming the flag or variable, never the token.
+        """
+
+        def pick(key: str, var: str | None) -> tuple[str | None, str]:
+            value = flags.get(key)
+            if value is not None:
+                return value, "--" + key.replace("_", "-")
+            if var is not None and env.get(var):
+                return env[var], var
+            return None, "--" + key.replace("_", "-")
+
+        addr, addr_label = pick("consul_addr", "CONSUL_HTTP_ADDR")
+        if addr is None:
+            addr = DEFAULT_ADDR
+        _split_addr(addr, addr_label)
+        # An address without a scheme, from the flag or the environment, follows
+        # CONSUL_HTTP_SSL, as in Consul's CLI; an explicit scheme wins.
+        if env.get("CONSUL_HTTP_SSL") and _parse_bool(env["CONSUL_HTTP_SSL"], "CONSUL_HTTP_SSL"):
+            if "://" not in addr:
+                addr = f"https://{addr.strip()}"
+
+        token = _token_from(flags, env)
+
+        verify_text, verify_label = pick("consul_ssl_verify", "CONSUL_HTTP_SSL_VERIFY")
+        verify = True if verify_text is None else _parse_bool(verify_text, verify_label)
+
+        paths: dict[str, str | None] = {}
+        for key, var in (
+            ("consul_cacert", "CONSUL_CACERT"),
+            ("consul_client_cert", "CONSUL_CLIENT_CERT"),
+            ("consul_client_key", "CONSUL_CLIENT_KEY"),
+        ):
+            path, label = pick(key, var)
+            if path is not None:
+                if not path.strip():
+                    raise ValueError(f"{label}: empty path")
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ValueError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+            paths[key] = path
+        if paths["consul_client_key"] and not paths["consul_client_cert"]:
+            raise ValueError(
+                "--consul-client-key: given without --consul-client-cert (or CONSUL_CLIENT_CERT)"
+            )
+
+        datacenter = flags.get("datacenter")
+        if datacenter is not None and not datacenter.strip():
+            raise ValueError("--datacenter: empty name")
+
+        return cls(
+            addr=addr.strip(),
+            token=token,
+            cacert=paths["consul_cacert"],
+            client_cert=paths["consul_client_cert"],
+            client_key=paths["consul_client_key"],
+            verify=verify,
+            datacenter=datacenter.strip() if datacenter else None,
+        )
+
+
+def _token_from(flags: Mapping[str, str | None], env: Mapping[str, str]) -> str | None:
+    flag_token, flag_file = flags.get("consul_token"), flags.get("consul_token_file")
+    if flag_token is not None and flag_file is not None:
+        raise ValueError("--consul-token: give either --consul-token or --consul-token-file, not both")
+    if flag_token is not None:
+        _check_token(flag_token, "--consul-token")
+        return flag_token
+    if flag_file is not None:
+        return _read_token_file(flag_file, "--consul-token-file")
+    if env.get("CONSUL_HTTP_TOKEN_FILE"):
+        return _read_token_file(env["CONSUL_HTTP_TOKEN_FILE"], "CONSUL_HTTP_TOKEN_FILE")
+    if env.get("CONSUL_HTTP_TOKEN"):
+        token = env["CONSUL_HTTP_TOKEN"].strip()
+        _check_token(token, "CONSUL_HTTP_TOKEN")
+        return token
+    return None
+
+
+def _read_token_file(path: str, label: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"{label}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{label}: {path} is not UTF-8 text") from None
+    if not token:
+        raise ValueError(f"{label}: {path} is empty")
+    _check_token(token, label)
+    return token
+
+
+def _ssl_context(settings: ConsulSettings) -> ssl.SSLContext | bool:
+    """The `ssl=` argument for aiohttp: True (plain default) for http, a context for https."""
+    if not settings.tls:
+        return True
+    try:
+        ctx = ssl.create_default_context(cafile=settings.cacert)
+        if not settings.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if settings.client_cert:
+            ctx.load_cert_chain(settings.client_cert, settings.client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"consul TLS settings: cannot load the CA or client certificate: {exc}") from None
+    return ctx
+
+
+class _AgentHTTPClient(consul.aio.HTTPClient):
+    """py-consul's aiohttp transport, with the connector built the aiohttp 3.14 way."""
+
+    def __init__(self, host: str, port: int, scheme: str, ssl_arg: ssl.SSLContext | bool) -> None:
+        # Skip consul.aio.HTTPClient.__init__: it builds a connector with deprecated arguments.
+        consul.base.HTTPClient.__init__(self, host, port, scheme, verify=ssl_arg is not False)
+        # limit=0: blocking queries hold a connection for up to `wait`; a pool limit would let
+        # many watches starve the TTL updates that keep this instance alive.
+        connector = aiohttp.TCPConnector(ssl=ssl_arg, limit=0)
+        # No session-wide timeout: every call is bounded by ConsulRegistry._request.
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+
+    async def _request(
+        self,
+        callback: Any,
+        method: str,
+        uri: str,
+        headers: dict[str, str] | None,
+        data: Any = None,
+        connections_timeout: float | None = None,
+        raw: bool = False,
+    ) -> Any:
+        async with self._session.request(method, uri, headers=headers, data=data) as resp:
+            body = await resp.read() if raw else await resp.text(encoding="utf-8", errors="replace")
+        return callback(consul.base.Response(resp.status, resp.headers, body))
+
+
+class _AgentClient(consul.aio.Consul):
+    def __init__(self, settings: ConsulSettings, ssl_arg: ssl.SSLContext | bool) -> None:
+        self._ssl_arg = ssl_arg
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        super().__init__(
+            host=host,
+            port=settings.port,
+            scheme=settings.scheme,
+            token=settings.token,
+            dc=settings.datacenter,
+            verify=settings.verify,
+        )
+        # consul.base.Consul lets CONSUL_HTTP_TOKEN override the explicit token: undo that.
+        self.token = settings.token
+
+    def http_connect(
+        self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None
+    ) -> _AgentHTTPClient:
+        return _AgentHTTPClient(host, port, scheme, self._ssl_arg)
+
+
+def _raw(response: consul.base.Response) -> consul.base.Response:
+    return response
+
+
+class ConsulRegistry(Registry):
+    """A `Registry` on a Consul agent: one TTL check per instance, health via blocking queries.
+
+    `timeout` bounds every call except the hold time of a blocking query.
+    """
+
+    kind = "consul"
+
+    def __init__(self, settings: ConsulSettings, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._settings = settings
+        self._timeout = timeout
+        self._ssl_arg = _ssl_context(settings)  # fails early on a bad CA or client certificate
+        self._client: _AgentClient | None = None
+        self._names: dict[str, str] = {}  # instance id -> service name, for ACL messages
+
+    def __repr__(self) -> str:
+        state = "open" if self._client is not None else "closed"
+        token = "set" if self._settings.token else "unset"
+        return (
+            f"<ConsulRegistry {self._settings.url} dc={self._settings.datacenter} token={token} "
+            f"{state} registered={len(self._names)}>"
+        )
+
+    async def open(self) -> None:
+        """Create the HTTP client. Does not contact the agent, so it never fails on a down agent."""
+        self._connect()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def _connect(self) -> _AgentClient:
+        if self._client is None:
+            self._client = _AgentClient(self._settings, self._ssl_arg)
+        return self._client
+
+    async def register(self, instance: Instance, check: CheckSpec, status: Status, note: str) -> None:
+        """Register (or replace) `instance` with one TTL check `service:<id>` in `status`.
+
+        Consul's register cannot set a check's output, so an update with `note` follows.
+        """
+        op = f"registering {instance.name!r} ({instance.id})"
+        payload = {
+            "ID": instance.id,
+            "Name": instance.name,
+            "Address": instance.address,
+            "Port": instance.port,
+            "Tags": list(instance.tags),
+            "Meta": dict(instance.meta),
+            "Check": {
+                "Name": "app health (micro-sidecar)",
+                "Notes": "TTL check fed by micro-sidecar from its probes of the app",
+                "TTL": _go_duration(check.ttl),
+                "Status": status,
+                "DeregisterCriticalServiceAfter": _go_duration(check.deregister_after),
+            },
+        }
+        needs = f"service:write on {instance.name!r}"
+        resp = await self._request(
+            op,
+            "PUT",
+            "/v1/agent/service/register",
+            params=[("replace-existing-checks", "true")],
+            body=payload,
+            needs=needs,
+        )
+        if resp.code == 404:
+            raise RegistryError(f"consul at {self._settings.hostport} answered 404 to {op}")
+        self._names[instance.id] = instance.name
+        resp = await self._update_check(instance.id, status, note, f"{op}: setting the check output")
+        if resp.code == 404:
+            raise RegistryUnavailable(
+                f"consul at {self._settings.hostport} lost check service:{instance.id} right after {op}"
+            )
+
+    async def report(self, instance_id: str, status: Status, note: str) -> None:
+        """Set the TTL check's status and output, which also restarts its TTL.
+
+        Raises RegistrationLost when the agent no longer knows the check (404).
+        """
+        op = f"updating check service:{instance_id}"
+        resp = await self._update_check(instance_id, status, note, op)
+        if resp.code == 404:
+            raise RegistrationLost(
+                f"consul at {self._settings.hostport} no longer knows check service:{instance_id} "
+                f"(agent restarted or state wiped): register again"
+            )
+
+    async def deregister(self, instance_id: str) -> None:
+        """Remove the instance and its check; an instance the agent does not know is fine."""
+        await self._request(
+            f"deregistering {instance_id}",
+            "PUT",
+            f"/v1/agent/service/deregister/{instance_id}",
+            needs=self._write_permission(instance_id),
+        )
+        # A 404 means it is already gone, which is what we wanted.
+        self._names.pop(instance_id, None)
+
+    async def query(self, name: str, index: int, wait: float) -> QueryResult:
+        """Healthy instances of `name` from `/v1/health/service/<name>?passing`.
+
+        With `index` > 0 this is a blocking query: the agent answers when the result
+        changes or after `wait` seconds (plus up to wait/16 of jitter; the client-side
+        timeout allows for that). The returned `index` is Consul's `X-Consul-Index` as is,
+        even when it is lower than the one passed in (the agent restarted or its state was
+        reset): the caller must then start again from 0. An index of 0 from Consul is
+        returned as 1, as Consul's documentation advises, so the next call still blocks.
+        """
+        dc = self._settings.datacenter
+        params: list[tuple[str, str]] = [("passing", "1")]
+        if dc:
+            params.append(("dc", dc))
+        timeout = self._timeout
+        if index > 0:
+            params += [("index", str(index)), ("wait", _go_duration(wait))]
+            timeout += wait + wait / 16
+        op = f"querying healthy instances of {name!r}"
+        needs = f"service:read on {name!r} and node:read"
+        resp = await self._request(
+            op, "GET", f"/v1/health/service/{name}", params=params, timeout=timeout, needs=needs
+        )
+        if resp.code == 404:
+            raise RegistryError(f"consul at {self._settings.hostport} answered 404 to {op}")
+        new_index = self._index(resp, op)
+        instances = tuple(self._instance(entry, name, op) for entry in self._json_list(resp, op))
+        if instances:
+            return QueryResult(index=new_index, known=True, instances=instances)
+        if resp.headers.get("X-Consul-Results-Filtered-By-ACLs", "").lower() == "true":
+            raise RegistryDenied(
+                f"consul at {self._settings.hostport} hid the instances of {name!r}: "
+                f"the ACL token lacks {needs}"
+            )
+        # No healthy instance: tell "never heard of it" (404 upstream) from "all unhealthy" (503).
+        catalog_params = [("dc", dc)] if dc else []
+        cat = await self._request(
+            f"looking up {name!r} in the catalog",
+            "GET",
+            f"/v1/catalog/service/{name}",
+            params=catalog_params,
+            needs=needs,
+        )
+        known = cat.code != 404 and bool(self._json_list(cat, f"looking up {name!r} in the catalog"))
+        return QueryResult(index=new_index, known=known, instances=())
+
+    def describe(self) -> dict[str, object]:
+        s = self._settings
+        return {
+            "kind": self.kind,
+            "addr": s.url,
+            "datacenter": s.datacenter,
+            "token": "set" if s.token else "unset",
+            "tls": {
+                "enabled": s.tls,
+                "verify": s.verify,
+                "cacert": s.cacert,
+                "client_cert": s.client_cert is not None,
+            },
+        }
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _write_permission(self, instance_id: str) -> str:
+        name = self._names.get(instance_id)
+        return f"service:write on {name!r}" if name else f"service:write on the service of {instance_id!r}"
+
+    async def _update_check(
+        self, instance_id: str, status: Status, note: str, op: str
+    ) -> consul.base.Response:
+        return await self._request(
+            op,
+            "PUT",
+            f"/v1/agent/check/update/service:{instance_id}",
+            body={"Status": status, "Output": note},
+            needs=self._write_permission(instance_id),
+        )
+
+    def _scrub(self, text: str, limit: int = 300) -> str:
+        text = " ".join(text.split())
+        token = self._settings.token
+        if token:
+            text = text.replace(token, "<token>")
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    async def _request(
+        self,
+        op: str,
+        method: str,
+        path: str,
+        *,
+        needs: str,
+        params: list[tuple[str, str]] | None = None,
+        body: object = None,
+        timeout: float | None = None,
+    ) -> consul.base.Response:
+        """One call to the agent. Returns 2xx and 404 answers; raises for everything else.
+
+        `op` names the operation for messages ("updating check service:web-1"); `needs`
+        names the ACL permission it takes, for the message of a 403.
+        """
+        client = self._connect()
+        addr = self._settings.hostport
+        limit = self._timeout if timeout is None else timeout
+        headers = client.prepare_headers()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(limit):
+                if method == "GET":
+                    resp = await client.http.get(_raw, path, params=params, headers=headers)
+                else:
+                    data = "" if body is None else json.dumps(body)
+                    resp = await client.http.put(_raw, path, params=params, data=data, headers=headers)
+        except TimeoutError:
+            raise RegistryUnavailable(f"consul at {addr} did not answer {op} within {limit:g}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            reason = self._scrub(str(exc) or type(exc).__name__)
+            raise RegistryUnavailable(f"consul at {addr} unreachable while {op}: {reason}") from None
+        elapsed_ms = (time.monotonic() - started) * 1000
+        log.debug("consul %s %s -> %d in %.0f ms (%s)", method, path, resp.code, elapsed_ms, op)
+
+        code = resp.code
+        if 200 <= code < 300 or code == 404:
+            return resp
+        text = self._scrub(resp.body if isinstance(resp.body, str) else repr(resp.body))
+        if code in (401, 403):
+            if "acl not found" in text.lower():
+                why = "the ACL token is not known to consul"
+            elif not self._settings.token:
+                why = f"no ACL token is set and the anonymous token lacks {needs}"
+            else:
+                why = f"the ACL token lacks {needs}"
+            raise RegistryDenied(f"consul at {addr} denied {op}: {why} ({code} {text})")
+        if code >= 500 or code == 429:
+            raise RegistryUnavailable(f"consul at {addr} answered {code} to {op}: {text}")
+        raise RegistryError(f"consul at {addr} rejected {op}: {code} {text}")
+
+    def _index(self, resp: consul.base.Response, op: str) -> int:
+        raw = resp.headers.get("X-Consul-Index")
+        try:
+            index = int(raw)
+        except (TypeError, ValueError):
+            raise RegistryUnavailable(
+                f"consul at {self._settings.hostport} answered {op} without a valid X-Consul-Index"
+            ) from None
+        return max(index, 1)
+
+    def _json_list(self, resp: consul.base.Response, op: str) -> list[Any]:
+        try:
+            data = json.loads(resp.body)
+        except (TypeError, ValueError):
+            data = None
+        if data is None and resp.body in ("null", ""):
+            return []
+        if not isinstance(data, list):
+            raise RegistryUnavailable(
+                f"consul at {self._settings.hostport} answered {op} with something other than a JSON list"
+            )
+        return data
+
+    def _instance(self, entry: Any, name: str, op: str) -> Instance:
+        try:
+            service = entry["Service"]
+            node = entry.get("Node") or {}
+            return Instance(
+                id=str(service["ID"]),
+                name=str(service.get("Service") or name),
+                address=str(service.get("Address") or node.get("Address") or ""),
+                port=int(service.get("Port") or 0),
+                tags=tuple(str(t) for t in service.get("Tags") or ()),
+                meta={str(k): str(v) for k, v in (service.get("Meta") or {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise RegistryUnavailable(
+                f"consul at {self._settings.hostport} answered {op} with a malformed entry"
+            ) from None
