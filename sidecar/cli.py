@@ -1,0 +1,227 @@
+"""The command line: flags and MICRO_SIDECAR_* env vars -> Config -> runtime.run()."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_INBOUND_PORT,
+    DEFAULT_OUTBOUND_PORT,
+    LOG_LEVELS,
+    ConfigError,
+    build_config,
+)
+
+ENV_PREFIX = "MICRO_SIDECAR"
+CONSUL_FLAGS = (
+    "consul_addr",
+    "consul_token",
+    "consul_token_file",
+    "consul_cacert",
+    "consul_client_cert",
+    "consul_client_key",
+    "consul_ssl_verify",
+    "datacenter",
+)
+
+
+@click.command(
+    context_settings={"auto_envvar_prefix": ENV_PREFIX, "help_option_names": ["-h", "--help"]},
+    epilog="Every flag also reads MICRO_SIDECAR_<FLAG> (e.g. MICRO_SIDECAR_APP_PORT=8080). "
+    "With '-- CMD ARGS', the sidecar starts the app itself and stops it when it stops.",
+)
+@click.version_option(__version__, "--version", prog_name="micro-sidecar")
+@click.option("--app-port", type=int, required=True, help="Port the app listens on.")
+@click.option("--app-host", default="127.0.0.1", show_default=True, help="Address the app listens on.")
+@click.option("--name", default=None, help="Service name (default: the command's name, else app-<port>).")
+@click.option("--id", "id_", default=None, help="Instance id (default: <name>-<address>-<inbound port>).")
+@click.option("--tag", "tags", multiple=True, help="Service tag (repeatable).")
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Service metadata (repeatable).")
+@click.option("--inbound-host", default="0.0.0.0", show_default=True, help="Address for mesh traffic.")
+@click.option(
+    "--inbound-port",
+    type=int,
+    default=DEFAULT_INBOUND_PORT,
+    show_default=True,
+    help="Port for mesh traffic (0: pick a free one).",
+)
+@click.option(
+    "--outbound-port",
+    type=int,
+    default=DEFAULT_OUTBOUND_PORT,
+    show_default=True,
+    help="Loopback port the app calls other services through (0: pick a free one).",
+)
+@click.option(
+    "--admin-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of /live, /ready, /status, /metrics (/shutdown stays loopback-only).",
+)
+@click.option(
+    "--admin-port",
+    type=int,
+    default=DEFAULT_ADMIN_PORT,
+    show_default=True,
+    help="Port of the admin listener (0: pick a free one).",
+)
+@click.option(
+    "--advertise-address",
+    default=None,
+    help="Address peers use to reach the inbound listener (default: inbound host, or this host's).",
+)
+@click.option(
+    "--health-path",
+    default="/health",
+    show_default=True,
+    help="HTTP path probed on the app; empty for a TCP-connect probe.",
+)
+@click.option("--health-interval", type=float, default=2.0, show_default=True, help="Seconds between probes.")
+@click.option("--health-timeout", type=float, default=1.0, show_default=True, help="Seconds per probe.")
+@click.option(
+    "--healthy-threshold",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Passing probes in a row to become healthy.",
+)
+@click.option(
+    "--unhealthy-threshold",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Failing probes in a row to become unhealthy.",
+)
+@click.option(
+    "--request-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for an upstream's response (504 after).",
+)
+@click.option("--registry", default="local", show_default=True, help="Registry backend: local or consul.")
+@click.option("--registry-path", default=None, help="SQLite file of the local registry.")
+@click.option(
+    "--registry-ttl",
+    type=float,
+    default=None,
+    help="Seconds the registry waits for news before it calls this instance gone "
+    "(default: 3 probe intervals, at least 3).",
+)
+@click.option(
+    "--deregister-critical-after",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds after which the registry removes an instance that stayed critical.",
+)
+@click.option(
+    "--consul-addr", default=None, help="Consul agent address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)."
+)
+@click.option(
+    "--consul-token", default=None, help="Consul ACL token (prefer CONSUL_HTTP_TOKEN or a token file)."
+)
+@click.option("--consul-token-file", default=None, help="File holding the Consul ACL token.")
+@click.option("--consul-cacert", default=None, help="CA certificate for Consul's HTTPS.")
+@click.option("--consul-client-cert", default=None, help="Client certificate for Consul's HTTPS.")
+@click.option("--consul-client-key", default=None, help="Client key for Consul's HTTPS.")
+@click.option(
+    "--consul-ssl-verify",
+    default=None,
+    type=click.Choice(["true", "false"]),
+    help="Verify Consul's certificate.",
+)
+@click.option("--datacenter", default=None, help="Consul datacenter.")
+@click.option(
+    "--drain-delay",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds to keep serving after announcing the stop.",
+)
+@click.option(
+    "--grace-period",
+    type=float,
+    default=20.0,
+    show_default=True,
+    help="Seconds in-flight requests get to finish when stopping.",
+)
+@click.option("--log-level", default="info", show_default=True, help="debug, info, warning or error.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def cli(**opts: Any) -> None:
+    """Run a sidecar next to an app: register it, health-check it, forward its HTTP."""
+    consul_flags = {key: opts.pop(key) for key in CONSUL_FLAGS}
+    try:
+        config = build_config(
+            app_port=opts["app_port"],
+            app_host=opts["app_host"],
+            name=opts["name"],
+            id=opts["id_"],
+            tags=opts["tags"],
+            meta=opts["meta"],
+            inbound_host=opts["inbound_host"],
+            inbound_port=opts["inbound_port"],
+            outbound_port=opts["outbound_port"],
+            admin_host=opts["admin_host"],
+            admin_port=opts["admin_port"],
+            advertise_address=opts["advertise_address"],
+            health_path=opts["health_path"],
+            health_interval=opts["health_interval"],
+            health_timeout=opts["health_timeout"],
+            healthy_threshold=opts["healthy_threshold"],
+            unhealthy_threshold=opts["unhealthy_threshold"],
+            request_timeout=opts["request_timeout"],
+            registry=opts["registry"],
+            registry_path=opts["registry_path"],
+            registry_ttl=opts["registry_ttl"],
+            deregister_after=opts["deregister_critical_after"],
+            consul_flags=consul_flags,
+            drain_delay=opts["drain_delay"],
+            grace_period=opts["grace_period"],
+            log_level=opts["log_level"],
+            command=opts["command"],
+        )
+        if config.registry.kind == "consul":
+            from .registry.consul import ConsulSettings
+
+            ConsulSettings.from_sources(consul_flags, os.environ)  # validate now, fail at startup
+    except (ConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    from .runtime import run
+
+    sys.exit(run(config))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's parsing, but every usage error is one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="micro-sidecar", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(2)
+    except click.UsageError as exc:
+        click.echo(f"micro-sidecar: error: {_one_line(exc)}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"micro-sidecar: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def _one_line(exc: click.UsageError) -> str:
+    message = exc.format_message()
+    if isinstance(exc, click.MissingParameter) and exc.param is not None and exc.param.opts:
+        return f"{max(exc.param.opts, key=len)}: is required"
+    if isinstance(exc, click.BadParameter) and exc.param is not None and exc.param.opts:
+        return f"{max(exc.param.opts, key=len)}: {exc.message}"
+    return " ".join(message.split())
+
+
+__all__ = ["LOG_LEVELS", "cli", "main"]

@@ -1,0 +1,307 @@
+"""The one frozen, validated configuration, built once at the edge (the CLI).
+
+No I/O here: validation raises ConfigError naming the flag, and the CLI turns that into
+one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+RegistryKind = Literal["local", "consul"]
+REGISTRY_KINDS: tuple[RegistryKind, ...] = ("local", "consul")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+
+DEFAULT_INBOUND_PORT = 15006
+DEFAULT_OUTBOUND_PORT = 15001
+DEFAULT_ADMIN_PORT = 15020
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message starts with the flag it concerns."""
+
+    def __init__(self, flag: str, problem: str) -> None:
+        super().__init__(f"{flag}: {problem}")
+        self.flag = flag
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    host: str
+    port: int
+    health_path: str  # "" means a TCP-connect probe
+    health_interval: float
+    health_timeout: float
+    healthy_threshold: int
+    unhealthy_threshold: int
+    request_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    inbound_host: str
+    inbound_port: int
+    outbound_host: str
+    outbound_port: int
+    admin_host: str
+    admin_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    id: str | None  # None: derived from name, advertised address and inbound port once bound
+    tags: tuple[str, ...]
+    meta: Mapping[str, str]
+    advertise_address: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    kind: RegistryKind
+    path: Path  # the local SQLite file
+    ttl: float
+    deregister_after: float
+    # consul settings as given (flag name -> value); resolved with the environment by the backend
+    consul_flags: Mapping[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    drain_delay: float
+    grace_period: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    app: AppConfig
+    listen: ListenConfig
+    service: ServiceConfig
+    registry: RegistryConfig
+    lifecycle: LifecycleConfig
+    log_level: LogLevel
+    command: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able summary for /status, without secrets."""
+        return {
+            "name": self.service.name,
+            "app": f"{self.app.host}:{self.app.port}",
+            "health_path": self.app.health_path or None,
+            "health_interval": self.app.health_interval,
+            "healthy_threshold": self.app.healthy_threshold,
+            "unhealthy_threshold": self.app.unhealthy_threshold,
+            "registry": self.registry.kind,
+            "tags": list(self.service.tags),
+            "meta": dict(self.service.meta),
+            "drain_delay": self.lifecycle.drain_delay,
+            "grace_period": self.lifecycle.grace_period,
+            "supervising": list(self.command[:1]),
+        }
+
+
+def default_registry_path(env: Mapping[str, str] | None = None) -> Path:
+    """The SQLite file every sidecar on this host shares unless told otherwise."""
+    env = os.environ if env is None else env
+    runtime = env.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and Path(runtime).is_dir() else Path(tempfile.gettempdir())
+    user = env.get("USER") or str(os.getuid() if hasattr(os, "getuid") else "user")
+    return base / f"micro-sidecar-{user}" / "registry.sqlite3"
+
+
+def default_name(app_port: int, command: Sequence[str]) -> str:
+    """A sensible service name when --name is absent: the command's base name, else app-<port>."""
+    if command:
+        base = re.sub(r"[^A-Za-z0-9-]+", "-", Path(command[0]).name).strip("-").lower()
+        if base and _NAME_RE.match(base):
+            return base
+    return f"app-{app_port}"
+
+
+def default_advertise_address(inbound_host: str) -> str:
+    if inbound_host not in ("0.0.0.0", "::", ""):
+        return inbound_host
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+    return addr
+
+
+def _port(flag: str, value: int, allow_zero: bool = True) -> int:
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise ConfigError(flag, f"{value} is not a port number ({low}-65535)")
+    return value
+
+
+def _positive(flag: str, value: float, allow_zero: bool = False) -> float:
+    if value != value or value < 0 or (value == 0 and not allow_zero):  # NaN check first
+        raise ConfigError(flag, f"{value} must be {'>= 0' if allow_zero else '> 0'} seconds")
+    return float(value)
+
+
+def _host(flag: str, value: str) -> str:
+    if not value:
+        raise ConfigError(flag, "must not be empty")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", value):
+            raise ConfigError(flag, f"{value!r} is not an IP address or host name") from None
+    return value
+
+
+def _loopback(flag: str, value: str) -> str:
+    _host(flag, value)
+    if value == "localhost":
+        return value
+    try:
+        if not ipaddress.ip_address(value).is_loopback:
+            raise ConfigError(flag, f"{value} is not a loopback address")
+    except ValueError:
+        raise ConfigError(flag, f"{value!r} is not a loopback address") from None
+    return value
+
+
+def parse_meta(items: Sequence[str]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--meta", f"{item!r} is not KEY=VALUE")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", key):
+            raise ConfigError("--meta", f"key {key!r} may hold only letters, digits, '_' and '-'")
+        meta[key] = value
+    return meta
+
+
+def build_config(
+    *,
+    app_port: int,
+    app_host: str = "127.0.0.1",
+    name: str | None = None,
+    id: str | None = None,
+    tags: Sequence[str] = (),
+    meta: Sequence[str] = (),
+    inbound_host: str = "0.0.0.0",
+    inbound_port: int = DEFAULT_INBOUND_PORT,
+    outbound_host: str = "127.0.0.1",
+    outbound_port: int = DEFAULT_OUTBOUND_PORT,
+    admin_host: str = "127.0.0.1",
+    admin_port: int = DEFAULT_ADMIN_PORT,
+    advertise_address: str | None = None,
+    health_path: str = "/health",
+    health_interval: float = 2.0,
+    health_timeout: float = 1.0,
+    healthy_threshold: int = 1,
+    unhealthy_threshold: int = 2,
+    request_timeout: float = 30.0,
+    registry: str = "local",
+    registry_path: str | None = None,
+    registry_ttl: float | None = None,
+    deregister_after: float = 60.0,
+    consul_flags: Mapping[str, str | None] | None = None,
+    drain_delay: float = 2.0,
+    grace_period: float = 20.0,
+    log_level: str = "info",
+    command: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate every value and build the frozen Config. Raises ConfigError."""
+    _port("--app-port", app_port, allow_zero=False)
+    _host("--app-host", app_host)
+    _host("--inbound-host", inbound_host)
+    _port("--inbound-port", inbound_port)
+    _loopback("--outbound-host", outbound_host)
+    _port("--outbound-port", outbound_port)
+    _host("--admin-host", admin_host)
+    _port("--admin-port", admin_port)
+    if health_path and not health_path.startswith("/"):
+        raise ConfigError("--health-path", f"{health_path!r} must start with '/' (or be empty for TCP)")
+    _positive("--health-interval", health_interval)
+    _positive("--health-timeout", health_timeout)
+    if healthy_threshold < 1:
+        raise ConfigError("--healthy-threshold", "must be at least 1")
+    if unhealthy_threshold < 1:
+        raise ConfigError("--unhealthy-threshold", "must be at least 1")
+    _positive("--request-timeout", request_timeout)
+    if registry not in REGISTRY_KINDS:
+        raise ConfigError("--registry", f"{registry!r} is not one of {', '.join(REGISTRY_KINDS)}")
+    _positive("--drain-delay", drain_delay, allow_zero=True)
+    _positive("--grace-period", grace_period, allow_zero=True)
+    _positive("--deregister-critical-after", deregister_after)
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError("--log-level", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+    if name is None or name == "":
+        name = default_name(app_port, command)
+    elif not _NAME_RE.match(name):
+        raise ConfigError("--name", f"{name!r} must be 1-63 letters, digits or '-', not starting with '-'")
+    if id is not None and not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", id):
+        raise ConfigError("--id", f"{id!r} may hold only letters, digits, '.', '_', ':' and '-'")
+    for tag in tags:
+        if not tag or len(tag) > 255 or any(c.isspace() for c in tag):
+            raise ConfigError("--tag", f"{tag!r} must be non-empty, without spaces")
+    parsed_meta = parse_meta(meta)
+
+    if advertise_address:
+        _host("--advertise-address", advertise_address)
+    else:
+        advertise_address = default_advertise_address(inbound_host)
+
+    # The registry keeps an instance alive for a few probe intervals without news; the
+    # registration loop refreshes it three times per TTL.
+    ttl = registry_ttl if registry_ttl is not None else max(3.0 * health_interval, 3.0)
+    _positive("--registry-ttl", ttl)
+
+    path = Path(registry_path) if registry_path else default_registry_path(env)
+
+    return Config(
+        app=AppConfig(
+            host=app_host,
+            port=app_port,
+            health_path=health_path,
+            health_interval=float(health_interval),
+            health_timeout=float(health_timeout),
+            healthy_threshold=healthy_threshold,
+            unhealthy_threshold=unhealthy_threshold,
+            request_timeout=float(request_timeout),
+        ),
+        listen=ListenConfig(
+            inbound_host=inbound_host,
+            inbound_port=inbound_port,
+            outbound_host=outbound_host,
+            outbound_port=outbound_port,
+            admin_host=admin_host,
+            admin_port=admin_port,
+        ),
+        service=ServiceConfig(
+            name=name,
+            id=id,
+            tags=tuple(tags),
+            meta=parsed_meta,
+            advertise_address=advertise_address,
+        ),
+        registry=RegistryConfig(
+            kind=registry,
+            path=path,
+            ttl=ttl,
+            deregister_after=float(deregister_after),
+            consul_flags=dict(consul_flags or {}),
+        ),
+        lifecycle=LifecycleConfig(drain_delay=float(drain_delay), grace_period=float(grace_period)),
+        log_level=log_level.lower(),  # type: ignore[arg-type]
+        command=tuple(command),
+    )

@@ -1,0 +1,89 @@
+"""The sidecar's own errors and how each becomes an HTTP answer, in one place.
+
+An answer the sidecar makes itself always carries the `X-Sidecar-Error` header and a
+small JSON body `{"error": <stable code>, "message": ..., "sidecar": <name>}` so that a
+caller can tell it from the app's own 502 or 503.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+ERROR_HEADER = "X-Sidecar-Error"
+
+
+class SidecarError(Exception):
+    """Base of the errors that the sidecar answers for itself."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownService(SidecarError):
+    status = 404
+    code = "unknown_service"
+
+
+class NoHealthyInstance(SidecarError):
+    status = 503
+    code = "no_healthy_instance"
+
+
+class AppUnhealthy(SidecarError):
+    status = 503
+    code = "app_unhealthy"
+
+
+class Draining(SidecarError):
+    status = 503
+    code = "draining"
+
+
+class UpstreamConnectError(SidecarError):
+    status = 502
+    code = "upstream_connect_failed"
+
+
+class UpstreamProtocolError(SidecarError):
+    status = 502
+    code = "upstream_bad_response"
+
+
+class UpstreamTimeout(SidecarError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class BadRequest(SidecarError):
+    status = 400
+    code = "bad_request"
+
+
+class MisdirectedRequest(SidecarError):
+    status = 400
+    code = "no_service_named"
+
+
+class RegistryUnavailableError(SidecarError):
+    status = 503
+    code = "registry_unavailable"
+
+
+def error_response(err: SidecarError, sidecar_name: str, request_id: str | None = None) -> web.Response:
+    body = {"error": err.code, "message": err.message, "sidecar": sidecar_name}
+    headers = {ERROR_HEADER: err.code}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+        body["request_id"] = request_id
+    return web.Response(
+        status=err.status,
+        text=json.dumps(body) + "\n",
+        content_type="application/json",
+        headers=headers,
+    )

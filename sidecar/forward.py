@@ -1,0 +1,247 @@
+"""The hot path: one request streamed to one endpoint, and its response streamed back.
+
+Rules of this file (RFC 9110 section 7.6.1, RFC 9112):
+- bodies are streamed in both directions, never read whole;
+- hop-by-hop headers (Connection, every header it names, Keep-Alive, Proxy-*, TE,
+  Transfer-Encoding, Upgrade, Trailer) never cross the sidecar in either direction, and
+  the body is re-framed by each side's own HTTP stack;
+- X-Forwarded-For is appended to, X-Forwarded-Proto and X-Forwarded-Host are set, and one
+  X-Request-Id travels with the request and comes back on the response;
+- every failure to reach the endpoint becomes a SidecarError (502/504) before any byte of
+  the response is sent; after that, the only honest signal is an aborted connection.
+
+Inbound and outbound both call `Forwarder.forward`; the performance work may replace
+this module's internals, not its interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+REQUEST_ID = "X-Request-Id"
+# Header names the sidecar uses between its own hops; a caller may not set them.
+INTERNAL_PREFIX = "x-sidecar-"
+CHUNK = 64 * 1024
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in Connection (they are hop-by-hop too)."""
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return named
+
+
+def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | connection_listed(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        lowered = key.lower()
+        if lowered in drop:
+            continue
+        out.add(key, value)
+    return out
+
+
+def request_headers(request: web.BaseRequest, host: str | None) -> tuple[CIMultiDict[str], str]:
+    """Headers to send upstream, and the request id they carry."""
+    headers = strip_hop_by_hop(request.headers)
+    for key in [k for k in headers if k.lower().startswith(INTERNAL_PREFIX)]:
+        headers.popall(key)
+    # Rack and Puma read '_' and '-' alike: a header with '_' could spoof a trusted one.
+    for key in [k for k in headers if "_" in k]:
+        headers.popall(key)
+    peer = request.remote or ""
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    original_host = request.headers.get("Host")
+    if original_host:
+        headers["X-Forwarded-Host"] = original_host
+    request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+    headers[REQUEST_ID] = request_id
+    if host is not None:
+        headers["Host"] = host
+    if not request.body_exists:
+        headers.popall("Content-Length", None)
+    return headers, request_id
+
+
+def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    headers = strip_hop_by_hop(upstream)
+    headers.popall("Content-Length", None)  # set on the StreamResponse itself
+    headers[REQUEST_ID] = upstream.get(REQUEST_ID, request_id)
+    return headers
+
+
+class Forwarder:
+    """A keep-alive pool and the streaming copy loop, shared by one listener."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+        keepalive_timeout: float = 4.0,
+        limit: int = 1024,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._keepalive_timeout = keepalive_timeout
+        self._limit = limit
+        self._session: aiohttp.ClientSession | None = None
+        self.active = 0
+
+    def __repr__(self) -> str:
+        return f"<Forwarder active={self.active} open={self._session is not None}>"
+
+    async def start(self) -> None:
+        # keepalive shorter than Node's default 5 s, so that we close an idle connection
+        # before the app does and never race it with a request.
+        connector = aiohttp.TCPConnector(
+            limit=self._limit,
+            keepalive_timeout=self._keepalive_timeout,
+            use_dns_cache=False,
+            enable_cleanup_closed=False,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self._connect_timeout, sock_read=self._request_timeout
+            ),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        endpoint: str,
+        path: str,
+        *,
+        host: str | None = None,
+        extra_headers: Iterable[tuple[str, str]] = (),
+    ) -> web.StreamResponse:
+        """Send `request` to `http://<endpoint><path>` and stream the answer back."""
+        assert self._session is not None, "Forwarder.start() was not awaited"
+        headers, request_id = request_headers(request, host)
+        for key, value in extra_headers:
+            headers[key] = value
+        url = f"http://{endpoint}{path}"
+        body = request.content if request.body_exists else None
+        self.active += 1
+        try:
+            upstream = await self._send(request.method, url, headers, body, endpoint)
+            try:
+                return await self._relay(request, upstream, request_id)
+            finally:
+                upstream.release()
+        finally:
+            self.active -= 1
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: object,
+        endpoint: str,
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        # A pooled connection that the peer closed while idle fails before any byte of
+        # the answer; that request was never processed, so one fresh attempt is safe
+        # when there is no body to replay.
+        attempts = 2 if body is None else 1
+        for attempt in range(attempts):
+            try:
+                return await self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    compress=None,
+                    chunked=None,
+                    read_until_eof=True,
+                    auto_decompress=False,
+                    expect100=False,
+                    proxy=None,
+                )
+            except aiohttp.ServerDisconnectedError as exc:
+                if attempt + 1 < attempts:
+                    continue
+                raise UpstreamProtocolError(f"{endpoint} closed the connection without answering") from exc
+            except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+                raise UpstreamConnectError(f"cannot connect to {endpoint}: {_reason(exc)}") from exc
+            except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError, TimeoutError) as exc:
+                what = "connecting to" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "waiting for"
+                raise UpstreamTimeout(f"timed out {what} {endpoint}") from exc
+            except aiohttp.ClientResponseError as exc:
+                raise UpstreamProtocolError(f"{endpoint} sent a malformed response: {exc.message}") from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                raise UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    async def _relay(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=response_headers(upstream.headers, request_id),
+        )
+        length = upstream.headers.get("Content-Length")
+        if length is not None and length.isdigit():
+            response.content_length = int(length)
+        elif upstream.status not in (204, 304) and request.method != "HEAD":
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: the only honest answer is a broken connection,
+            # never a clean-looking truncated body.
+            log.warning("upstream %s broke mid-response: %s", upstream.url.host, _reason(exc))
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,134 @@
+"""The app health checker: a probe loop around a pure healthy/unhealthy state machine.
+
+The app starts unhealthy. `rise` passes in a row make it healthy, `fall` failures in a
+row make it unhealthy, and only a change is announced (to the inbound gate and to the
+registration loop). A probe error is a failed probe, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import aiohttp
+
+from .config import AppConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthState:
+    healthy: bool = False
+    passes: int = 0  # consecutive passes
+    failures: int = 0  # consecutive failures
+    output: str = "not probed yet"
+    changed_at: float = 0.0
+
+
+def transition(
+    state: HealthState, passed: bool, output: str, rise: int, fall: int, now: float
+) -> HealthState:
+    """The next state after one probe result. Pure: no I/O, no clock."""
+    if passed:
+        passes, failures = state.passes + 1, 0
+        healthy = state.healthy or passes >= rise
+    else:
+        passes, failures = 0, state.failures + 1
+        healthy = state.healthy and failures < fall
+    changed_at = now if healthy != state.healthy else state.changed_at
+    return replace(
+        state, healthy=healthy, passes=passes, failures=failures, output=output, changed_at=changed_at
+    )
+
+
+Listener = Callable[[HealthState], Awaitable[None] | None]
+
+
+class HealthChecker:
+    """Probes the app every interval and tells listeners when its health changes."""
+
+    def __init__(self, app: AppConfig) -> None:
+        self._cfg = app
+        self.state = HealthState(changed_at=time.monotonic())
+        self._listeners: list[Listener] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._changed = asyncio.Event()
+        self.probes = 0
+
+    def __repr__(self) -> str:
+        word = "healthy" if self.state.healthy else "unhealthy"
+        return f"<HealthChecker {word} probes={self.probes} output={self.state.output!r}>"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state.healthy
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def probe(self) -> tuple[bool, str]:
+        """One probe of the app: (passed, output)."""
+        cfg = self._cfg
+        where = f"{cfg.host}:{cfg.port}"
+        try:
+            if not cfg.health_path:
+                async with asyncio.timeout(cfg.health_timeout):
+                    _, writer = await asyncio.open_connection(cfg.host, cfg.port)
+                writer.close()
+                return True, f"TCP connect to {where} succeeded"
+            assert self._session is not None
+            host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+            url = f"http://{host}:{cfg.port}{cfg.health_path}"
+            async with self._session.get(url, allow_redirects=False) as resp:
+                await resp.read()
+                if 200 <= resp.status < 400:
+                    return True, f"HTTP GET {cfg.health_path}: {resp.status}"
+                return False, f"HTTP GET {cfg.health_path}: {resp.status}"
+        except TimeoutError:
+            return False, f"probe of {where} timed out after {cfg.health_timeout:g}s"
+        except (aiohttp.ClientError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return False, f"probe of {where} failed: {reason}"
+
+    async def check_once(self) -> HealthState:
+        passed, output = await self.probe()
+        self.probes += 1
+        before = self.state
+        self.state = transition(
+            before,
+            passed,
+            output,
+            self._cfg.healthy_threshold,
+            self._cfg.unhealthy_threshold,
+            time.monotonic(),
+        )
+        if self.state.healthy != before.healthy:
+            if self.state.healthy:
+                log.info("app is healthy: %s", output)
+            else:
+                log.warning("app is unhealthy: %s", output)
+            for listener in self._listeners:
+                result = listener(self.state)
+                if result is not None:
+                    await result
+        return self.state
+
+    async def run(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._cfg.health_timeout),
+            connector=aiohttp.TCPConnector(force_close=True),
+            headers={"User-Agent": "micro-sidecar-health"},
+        )
+        try:
+            loop = asyncio.get_running_loop()
+            while True:
+                started = loop.time()
+                await self.check_once()
+                elapsed = loop.time() - started
+                await asyncio.sleep(max(0.0, self._cfg.health_interval - elapsed))
+        finally:
+            await self._session.close()

@@ -1,0 +1,183 @@
+"""The embedded registry: one SQLite file shared by every sidecar on a host.
+
+Each row is one instance with a heartbeat. A row whose heartbeat is older than its TTL
+counts as gone (a crashed sidecar stops heartbeating, so peers stop routing to it after
+one TTL); a row stale for longer than its deregister-after is deleted by whoever looks.
+WAL mode and a busy timeout make several processes writing at once safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    CheckSpec,
+    Instance,
+    QueryResult,
+    RegistrationLost,
+    Registry,
+    RegistryUnavailable,
+    Status,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    address TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    tags TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    status TEXT NOT NULL,
+    note TEXT NOT NULL,
+    heartbeat REAL NOT NULL,
+    ttl REAL NOT NULL,
+    deregister_after REAL NOT NULL,
+    pid INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_name ON instances (name);
+"""
+
+POLL_INTERVAL = 0.25
+
+
+class LocalRegistry(Registry):
+    kind = "local"
+
+    def __init__(self, path: Path, poll_interval: float = POLL_INTERVAL) -> None:
+        self.path = Path(path)
+        self._poll = poll_interval
+        self._db: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+        # name -> (last answer, its index): the index grows each time the answer changes.
+        self._answers: dict[str, tuple[tuple[Instance, ...], bool, int]] = {}
+        self._counter = 0
+
+    def __repr__(self) -> str:
+        return f"<LocalRegistry path={str(self.path)!r} watched={len(self._answers)}>"
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "path": str(self.path)}
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.executescript(SCHEMA)
+        try:
+            os.chmod(self.path, 0o600)
+        except OSError:
+            pass
+        return db
+
+    async def _run(self, what: str, fn: Any, *args: Any) -> Any:
+        async with self._lock:
+            try:
+                if self._db is None:
+                    self._db = await asyncio.to_thread(self._connect)
+                return await asyncio.to_thread(fn, self._db, *args)
+            except sqlite3.Error as exc:
+                raise RegistryUnavailable(f"{what} in local registry {self.path}: {exc}") from exc
+
+    async def open(self) -> None:
+        await self._run("opening", lambda db: None)
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._db is not None:
+                await asyncio.to_thread(self._db.close)
+                self._db = None
+
+    async def register(self, instance: Instance, check: CheckSpec, status: Status, note: str) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    instance.id,
+                    instance.name,
+                    instance.address,
+                    instance.port,
+                    json.dumps(list(instance.tags)),
+                    json.dumps(dict(instance.meta)),
+                    status,
+                    note,
+                    time.time(),
+                    check.ttl,
+                    check.deregister_after,
+                    os.getpid(),
+                ),
+            )
+
+        await self._run(f"registering {instance.id!r}", write)
+
+    async def report(self, instance_id: str, status: Status, note: str) -> None:
+        def write(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "UPDATE instances SET status = ?, note = ?, heartbeat = ? WHERE id = ?",
+                (status, note, time.time(), instance_id),
+            )
+            return cur.rowcount
+
+        if await self._run(f"updating {instance_id!r}", write) == 0:
+            raise RegistrationLost(f"local registry {self.path} no longer holds {instance_id!r}")
+
+    async def deregister(self, instance_id: str) -> None:
+        await self._run(
+            f"deregistering {instance_id!r}",
+            lambda db: db.execute("DELETE FROM instances WHERE id = ?", (instance_id,)),
+        )
+
+    def _read(self, db: sqlite3.Connection, name: str) -> tuple[tuple[Instance, ...], bool]:
+        now = time.time()
+        db.execute("DELETE FROM instances WHERE ? - heartbeat > ttl + deregister_after", (now,))
+        rows = db.execute(
+            "SELECT id, name, address, port, tags, meta, status, heartbeat, ttl FROM instances "
+            "WHERE name = ? ORDER BY id",
+            (name,),
+        ).fetchall()
+        healthy = tuple(
+            Instance(
+                id=r[0],
+                name=r[1],
+                address=r[2],
+                port=r[3],
+                tags=tuple(json.loads(r[4])),
+                meta=json.loads(r[5]),
+            )
+            for r in rows
+            if r[6] == "passing" and now - r[7] <= r[8]
+        )
+        return healthy, bool(rows)
+
+    async def query(self, name: str, index: int, wait: float) -> QueryResult:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            instances, known = await self._run(f"looking up {name!r}", self._read, name)
+            last = self._answers.get(name)
+            if last is None or last[0] != instances or last[1] != known:
+                self._counter += 1
+                last = (instances, known, self._counter)
+                self._answers[name] = last
+            if index == 0 or last[2] != index or loop.time() >= deadline:
+                return QueryResult(index=last[2], known=known, instances=instances)
+            await asyncio.sleep(min(self._poll, max(0.0, deadline - loop.time())))
+
+    async def all_instances(self) -> list[dict[str, object]]:
+        """Every row, for tests and /status of the local registry."""
+
+        def read(db: sqlite3.Connection) -> list[dict[str, object]]:
+            cur = db.execute("SELECT id, name, address, port, status, note, heartbeat, ttl FROM instances")
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+        result: list[dict[str, object]] = await self._run("listing", read)
+        return result

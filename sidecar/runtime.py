@@ -1,0 +1,353 @@
+"""Starts the parts in order, watches them, and shuts down in order.
+
+Start: registry backend, health checker, listeners (inbound, outbound, admin), then the
+registration loop, then (supervisor mode) the app. Stop, on the first SIGTERM/SIGINT,
+POST /shutdown, the app exiting or a part crashing:
+  1. mark this instance critical in the registry, so peers stop picking it;
+  2. keep serving for the drain delay, while that news propagates;
+  3. stop accepting inbound connections and let in-flight requests finish (grace period);
+  4. stop the app (supervisor mode) and then the outbound listener;
+  5. deregister, close pools, exit (0, the app's exit code, or 1 when a part crashed).
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .admin import Admin
+from .config import Config
+from .discovery import Discovery
+from .forward import Forwarder
+from .health import HealthChecker
+from .inbound import Inbound
+from .outbound import Outbound
+from .registration import Registration
+from .registry.base import CheckSpec, Instance, Registry
+from .supervise import AppProcess, AppStartError
+
+log = logging.getLogger("sidecar")
+
+EXIT_CRASH = 1
+EXIT_APP_NOT_FOUND = 127
+
+
+def make_registry(config: Config) -> Registry:
+    if config.registry.kind == "consul":
+        from .registry.consul import ConsulRegistry, ConsulSettings
+
+        return ConsulRegistry(ConsulSettings.from_sources(config.registry.consul_flags, os.environ))
+    from .registry.local import LocalRegistry
+
+    return LocalRegistry(config.registry.path)
+
+
+class Listener:
+    """One aiohttp listener and the port it got."""
+
+    def __init__(self, name: str, handler: Any, host: str, port: int, grace: float) -> None:
+        self.name = name
+        self.host = host
+        self.requested_port = port
+        if isinstance(handler, web.Application):
+            self.runner: web.BaseRunner = web.AppRunner(
+                handler, handle_signals=False, access_log=None, shutdown_timeout=grace
+            )
+        else:
+            self.runner = web.ServerRunner(
+                web.Server(handler, access_log=None), handle_signals=False, shutdown_timeout=grace
+            )
+        self.port = 0
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.name} {self.host}:{self.port}>"
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.requested_port, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            raise OSError(
+                exc.errno,
+                f"{self.name} listener cannot bind {self.host}:{self.requested_port}: {exc.strerror}",
+            ) from exc
+        self.port = site.port
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+class Sidecar:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.registry = make_registry(config)
+        self.health = HealthChecker(config.app)
+        self.inbound_forwarder = Forwarder(request_timeout=config.app.request_timeout)
+        self.outbound_forwarder = Forwarder(request_timeout=config.app.request_timeout)
+        self.discovery = Discovery(self.registry)
+        name = config.service.name
+        self.inbound = Inbound(name, config.app.host, config.app.port, self.health, self.inbound_forwarder)
+        self.outbound = Outbound(name, self.discovery, self.outbound_forwarder)
+        self.admin = Admin(
+            ready=self.ready, status=self.status, metrics=self.metrics, shutdown=self.request_stop
+        )
+        grace = config.lifecycle.grace_period
+        listen = config.listen
+        self.listeners = {
+            "inbound": Listener(
+                "inbound", self.inbound.handle, listen.inbound_host, listen.inbound_port, grace
+            ),
+            "outbound": Listener(
+                "outbound", self.outbound.handle, listen.outbound_host, listen.outbound_port, grace
+            ),
+            "admin": Listener("admin", self.admin.app(), listen.admin_host, listen.admin_port, 1.0),
+        }
+        self.registration: Registration | None = None
+        self.app: AppProcess | None = None
+        self.stop_reason: str | None = None
+        self.stopping = False
+        self._stop = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Sidecar {self.config.service.name} stopping={self.stopping} {self.health!r}>"
+
+    # -- state for the admin listener -------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        if not self.health.healthy:
+            return False, f"app unhealthy: {self.health.state.output}"
+        if self.registration is None or not self.registration.registered:
+            error = self.registration.last_error if self.registration else None
+            return False, f"not registered: {error or 'registering'}"
+        return True, "app healthy and registered"
+
+    def status(self) -> dict[str, Any]:
+        ready, reason = self.ready()
+        state = self.health.state
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "ready": ready,
+            "ready_reason": reason,
+            "stopping": self.stopping,
+            "config": self.config.summary(),
+            "ports": {name: listener.port for name, listener in self.listeners.items()},
+            "addresses": {name: f"{lst.host}:{lst.port}" for name, lst in self.listeners.items()},
+            "registry": self.registry.describe(),
+            "registration": self.registration.describe() if self.registration else None,
+            "app": {
+                "healthy": state.healthy,
+                "output": state.output,
+                "consecutive_passes": state.passes,
+                "consecutive_failures": state.failures,
+                "probes": self.health.probes,
+                "pid": self.app.pid if self.app else None,
+            },
+            "upstreams": self.discovery.describe(),
+            "requests": {
+                "inbound": self.inbound.requests,
+                "outbound": self.outbound.requests,
+                "inbound_active": self.inbound_forwarder.active,
+                "outbound_active": self.outbound_forwarder.active,
+            },
+        }
+
+    def metrics(self) -> str:
+        lines = [
+            "# HELP sidecar_up 1 while the sidecar runs.",
+            "# TYPE sidecar_up gauge",
+            "sidecar_up 1",
+            "# HELP sidecar_app_healthy 1 when the app passes its health checks.",
+            "# TYPE sidecar_app_healthy gauge",
+            f"sidecar_app_healthy {int(self.health.healthy)}",
+            "# HELP sidecar_requests_total Requests received, by direction.",
+            "# TYPE sidecar_requests_total counter",
+            f'sidecar_requests_total{{direction="inbound"}} {self.inbound.requests}',
+            f'sidecar_requests_total{{direction="outbound"}} {self.outbound.requests}',
+            "# HELP sidecar_active_requests Requests in flight, by direction.",
+            "# TYPE sidecar_active_requests gauge",
+            f'sidecar_active_requests{{direction="inbound"}} {self.inbound_forwarder.active}',
+            f'sidecar_active_requests{{direction="outbound"}} {self.outbound_forwarder.active}',
+        ]
+        return "\n".join(lines) + "\n"
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop.set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _instance(self) -> Instance:
+        svc = self.config.service
+        port = self.listeners["inbound"].port
+        instance_id = svc.id or f"{svc.name}-{svc.advertise_address}-{port}"
+        meta = {"sidecar_version": __version__, "app_port": str(self.config.app.port), **svc.meta}
+        return Instance(
+            id=instance_id, name=svc.name, address=svc.advertise_address, port=port, tags=svc.tags, meta=meta
+        )
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        signals_seen = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                log.warning("second %s: exiting at once", signal.Signals(signum).name)
+                if self.app is not None:
+                    self.app.signal(signal.SIGKILL)
+                os._exit(128 + signum)
+            log.info("%s received: draining", signal.Signals(signum).name)
+            self.request_stop(signal.Signals(signum).name)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+
+        await self.registry.open()
+        await self.inbound_forwarder.start()
+        await self.outbound_forwarder.start()
+        started: list[Listener] = []
+        try:
+            for listener in self.listeners.values():
+                await listener.start()
+                started.append(listener)
+        except OSError as exc:
+            log.error("%s", exc.strerror or exc)
+            for listener in started:
+                await listener.stop()
+            await self._close()
+            return 2
+        cfg = self.config
+        log.info(
+            "micro-sidecar %s for service %r: inbound %s:%d -> app %s:%d, outbound %s:%d, admin %s:%d, "
+            "registry %s",
+            __version__,
+            cfg.service.name,
+            cfg.listen.inbound_host,
+            self.listeners["inbound"].port,
+            cfg.app.host,
+            cfg.app.port,
+            cfg.listen.outbound_host,
+            self.listeners["outbound"].port,
+            cfg.listen.admin_host,
+            self.listeners["admin"].port,
+            self.registry.kind,
+        )
+        check = CheckSpec(ttl=cfg.registry.ttl, deregister_after=cfg.registry.deregister_after)
+        self.registration = Registration(self.registry, self._instance(), check, self.health)
+
+        parts: dict[str, asyncio.Task[Any]] = {
+            "health checker": asyncio.create_task(self.health.run(), name="health"),
+            "registration": asyncio.create_task(self.registration.run(), name="registration"),
+        }
+        exit_code = 0
+        if cfg.command:
+            env = dict(os.environ)
+            env["MICRO_SIDECAR_OUTBOUND"] = f"http://127.0.0.1:{self.listeners['outbound'].port}"
+            env["PORT"] = str(cfg.app.port)
+            self.app = AppProcess(cfg.command, env)
+            try:
+                await self.app.start()
+            except AppStartError as exc:
+                log.error("%s", exc)
+                self.request_stop("app failed to start")
+                exit_code = EXIT_APP_NOT_FOUND
+            else:
+                parts["app"] = asyncio.create_task(self.app.wait(), name="app")
+
+        stop_wait = asyncio.create_task(self._stop.wait(), name="stop")
+        done, _ = await asyncio.wait([stop_wait, *parts.values()], return_when=asyncio.FIRST_COMPLETED)
+        for part, task in parts.items():
+            if task in done:
+                if part == "app":
+                    code = task.result()
+                    log.info("app exited with code %d", code)
+                    exit_code = code if code >= 0 else 128 - code
+                    self.request_stop("app exited")
+                else:
+                    failure = task.exception()
+                    log.error("part %r crashed: %r; shutting down", part, failure)
+                    exit_code = EXIT_CRASH
+                    self.request_stop(f"{part} crashed")
+        stop_wait.cancel()
+
+        code = await self._shutdown(parts)
+        return exit_code if code is None else code
+
+    async def _shutdown(self, parts: dict[str, asyncio.Task[Any]]) -> int | None:
+        """The ordered stop; returns the app's exit code when it was stopped here."""
+        self.stopping = True
+        lifecycle = self.config.lifecycle
+        log.info("stopping (%s)", self.stop_reason)
+        assert self.registration is not None
+        await self.registration.announce_stop()
+        if lifecycle.drain_delay > 0 and "app" not in [p for p, t in parts.items() if t.done()]:
+            await asyncio.sleep(lifecycle.drain_delay)
+        await self.listeners["inbound"].stop()
+        app_code: int | None = None
+        if self.app is not None and self.app.proc is not None and self.app.proc.returncode is None:
+            app_code = await self.app.stop(timeout=max(lifecycle.grace_period, 1.0))
+            app_code = app_code if app_code is None or app_code >= 0 else 0
+        await self.listeners["outbound"].stop()
+        for part in ("registration", "health checker"):
+            parts[part].cancel()
+        for task in parts.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.registration.deregister()
+        await self._close()
+        await self.listeners["admin"].stop()
+        log.info("stopped")
+        # An app we stopped ourselves with SIGTERM is a clean stop, not a failure.
+        return 0 if app_code is not None else None
+
+    async def _close(self) -> None:
+        await self.discovery.close()
+        await self.inbound_forwarder.close()
+        await self.outbound_forwarder.close()
+        await self.registry.close()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s micro-sidecar %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def run(config: Config) -> int:
+    """Run the sidecar until it stops; returns the process exit code."""
+    setup_logging(config.log_level)
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - Windows
+        pass
+
+    async def main() -> int:
+        return await Sidecar(config).run()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
