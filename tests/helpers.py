@@ -1,0 +1,175 @@
+"""Real processes on ephemeral loopback ports, and their clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers.items()), err.read()
+
+
+def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    status, _, body = http("GET", url, timeout=timeout)
+    return status, json.loads(body)
+
+
+class Proc:
+    """A subprocess in its own process group, with its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix="proc-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.popen = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True
+        )
+        self.pid = self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self) -> None:
+        """Kill the process group (whatever is left of it) and reap."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.popen.wait(5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+class App(Proc):
+    def __init__(self, name: str = "echo", port: int | None = None) -> None:
+        self.port = port or free_port()
+        super().__init__([sys.executable, "-m", "tests.apps.echo_app", "--port", str(self.port), "--name", name])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_up(self) -> App:
+        wait_for(lambda: _can_connect(self.port), what=f"app on {self.port}")
+        return self
+
+
+def _can_connect(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+START_RE = re.compile(r"inbound (\S+):(\d+) -> app .* outbound (\S+):(\d+), admin (\S+):(\d+)")
+
+
+class Sidecar(Proc):
+    def __init__(self, app_port: int, *args: str, registry_path: Path | None = None,
+                 env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
+        argv = [sys.executable, "-m", "sidecar", "--app-port", str(app_port),
+                "--inbound-host", "127.0.0.1", "--inbound-port", "0", "--outbound-port", "0",
+                "--admin-port", "0", "--health-interval", "0.2", "--drain-delay", "0.2"]
+        if registry_path is not None:
+            argv += ["--registry-path", str(registry_path)]
+        argv += list(args)
+        if command:
+            argv += ["--", *command]
+        super().__init__(argv, env=env)
+        self.inbound_port = self.outbound_port = self.admin_port = 0
+
+    def wait_started(self, timeout: float = 15.0) -> Sidecar:
+        def started() -> bool:
+            match = START_RE.search(self.output())
+            if match:
+                self.inbound_port = int(match.group(2))
+                self.outbound_port = int(match.group(4))
+                self.admin_port = int(match.group(6))
+                return True
+            if self.popen.poll() is not None:
+                raise AssertionError(f"sidecar exited {self.popen.returncode}:\n{self.output()}")
+            return False
+
+        wait_for(started, timeout, what="sidecar start")
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> Sidecar:
+        self.wait_started(timeout)
+        wait_for(lambda: self.ready()[0] == 200, timeout, what="sidecar /ready")
+        return self
+
+    @property
+    def inbound(self) -> str:
+        return f"http://127.0.0.1:{self.inbound_port}"
+
+    @property
+    def outbound(self) -> str:
+        return f"http://127.0.0.1:{self.outbound_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def ready(self) -> tuple[int, Any]:
+        return get_json(f"{self.admin}/ready")
+
+    def status(self) -> dict[str, Any]:
+        return get_json(f"{self.admin}/status")[1]
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
