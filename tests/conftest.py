@@ -1,8 +1,8 @@
-pytest_plugins = ["tests.consul_fixtures"]
-
 import pytest
 
 from tests.helpers import App, Sidecar
+
+pytest_plugins = ["tests.consul_fixtures"]
 
 
 @pytest.fixture

@@ -36,8 +36,13 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
         time.sleep(interval)
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -57,7 +62,7 @@ class Proc:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.log_path = Path(tempfile.mkstemp(prefix="proc-", suffix=".log")[1])
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self._log = open(self.log_path, "wb")
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.popen = subprocess.Popen(
@@ -97,7 +102,9 @@ class Proc:
 class App(Proc):
     def __init__(self, name: str = "echo", port: int | None = None) -> None:
         self.port = port or free_port()
-        super().__init__([sys.executable, "-m", "tests.apps.echo_app", "--port", str(self.port), "--name", name])
+        super().__init__(
+            [sys.executable, "-m", "tests.apps.echo_app", "--port", str(self.port), "--name", name]
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_up(self) -> App:
@@ -117,11 +124,33 @@ START_RE = re.compile(r"inbound (\S+):(\d+) -> app .* outbound (\S+):(\d+), admi
 
 
 class Sidecar(Proc):
-    def __init__(self, app_port: int, *args: str, registry_path: Path | None = None,
-                 env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
-        argv = [sys.executable, "-m", "sidecar", "--app-port", str(app_port),
-                "--inbound-host", "127.0.0.1", "--inbound-port", "0", "--outbound-port", "0",
-                "--admin-port", "0", "--health-interval", "0.2", "--drain-delay", "0.2"]
+    def __init__(
+        self,
+        app_port: int,
+        *args: str,
+        registry_path: Path | None = None,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "--app-port",
+            str(app_port),
+            "--inbound-host",
+            "127.0.0.1",
+            "--inbound-port",
+            "0",
+            "--outbound-port",
+            "0",
+            "--admin-port",
+            "0",
+            "--health-interval",
+            "0.2",
+            "--drain-delay",
+            "0.2",
+        ]
         if registry_path is not None:
             argv += ["--registry-path", str(registry_path)]
         argv += list(args)

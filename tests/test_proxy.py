@@ -18,7 +18,9 @@ def headers_of(body: bytes) -> dict[str, str]:
 def test_inbound_forwards_with_forwarding_headers(start_app, start_sidecar):
     app = start_app("web")
     sc = start_sidecar(app.port, "--name", "web")
-    status, headers, body = http("GET", f"{sc.inbound}/hello/there?x=1", headers={"X-Forwarded-For": "10.9.9.9"})
+    status, headers, body = http(
+        "GET", f"{sc.inbound}/hello/there?x=1", headers={"X-Forwarded-For": "10.9.9.9"}
+    )
     assert status == 200
     seen = json.loads(body)
     assert seen["path"] == "/hello/there?x=1"
@@ -96,8 +98,10 @@ def test_outbound_unknown_service_and_ip_targets(start_app, start_sidecar):
     assert json.loads(body)["error"] == "unknown_service"
     # An address in the request is never dialled: the app's own port, named by IP, is refused.
     with socket.create_connection(("127.0.0.1", sc.outbound_port)) as s:
-        s.sendall(f"GET http://127.0.0.1:{app.port}/x HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n"
-                  "Connection: close\r\n\r\n".encode())
+        s.sendall(
+            f"GET http://127.0.0.1:{app.port}/x HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
         raw = b""
         while chunk := s.recv(65536):
             raw += chunk
@@ -115,8 +119,11 @@ def test_no_healthy_instance_is_503_and_app_refused_is_502(start_app, start_side
     http("POST", f"{app.url}/_health?ok=0")
     # First the instance's own sidecar gates it (app_unhealthy), then the registry
     # update reaches the caller, which stops routing there at all.
-    wait_for(lambda: http("GET", f"{caller.outbound}/pay/x")[1].get("X-Sidecar-Error") == "no_healthy_instance",
-             10, what="no_healthy_instance from caller")
+    wait_for(
+        lambda: http("GET", f"{caller.outbound}/pay/x")[1].get("X-Sidecar-Error") == "no_healthy_instance",
+        10,
+        what="no_healthy_instance from caller",
+    )
     status, headers, body = http("GET", f"{caller.outbound}/pay/x")
     assert status == 503 and json.loads(body)["error"] == "no_healthy_instance"
     status, headers, _ = http("GET", f"{pay.inbound}/x")
@@ -164,6 +171,7 @@ def test_streaming_100mib_both_ways_with_bounded_memory(start_app, start_sidecar
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
+
         def chunks():
             block = b"y" * (1024 * 1024)
             for _ in range(size // len(block)):
@@ -171,8 +179,12 @@ def test_streaming_100mib_both_ways_with_bounded_memory(start_app, start_sidecar
 
         import urllib.request
 
-        req = urllib.request.Request(f"{sc.inbound}/upload", data=chunks(), method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
+        req = urllib.request.Request(
+            f"{sc.inbound}/upload",
+            data=chunks(),
+            method="POST",
+            headers={"Content-Type": "application/octet-stream"},
+        )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(req, timeout=120) as resp:  # sent chunked: no length known up front
             assert json.loads(resp.read())["size"] == size
@@ -274,7 +286,13 @@ def test_round_robin_over_instances(start_app, start_sidecar):
     start_sidecar(two.port, "--name", "multi")
     caller_app = start_app("caller")
     caller = start_sidecar(caller_app.port, "--name", "caller")
-    wait_for(lambda: len(caller.status()["upstreams"].get("multi", {}).get("instances", [])) == 2
-             or http("GET", f"{caller.outbound}/multi/x")[0] != 200, 5, what="two instances")
+    wait_for(
+        lambda: (
+            len(caller.status()["upstreams"].get("multi", {}).get("instances", [])) == 2
+            or http("GET", f"{caller.outbound}/multi/x")[0] != 200
+        ),
+        5,
+        what="two instances",
+    )
     pids = {json.loads(http("GET", f"{caller.outbound}/multi/x")[2])["pid"] for _ in range(6)}
     assert pids == {one.pid, two.pid}
