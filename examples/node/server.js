@@ -129,7 +129,8 @@ function main() {
       console.error(`${SERVICE}: cannot listen on ${host}:${port}: ${err.message}`);
       process.exit(1);
     }
-    console.log(`${SERVICE} listening on http://${host}:${port}`);
+    const bound = server.address();
+    console.log(`${SERVICE} listening on http://${host}:${bound.port}`);
   });
 
   // Stop accepting, let in-flight requests finish, exit 0. A request that
