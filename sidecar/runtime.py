@@ -33,7 +33,7 @@ from .health import HealthChecker
 from .inbound import Inbound
 from .outbound import Outbound
 from .registration import Registration
-from .registry.base import CheckSpec, Instance, Registry
+from .registry.base import CheckSpec, Instance, Registry, RegistryError
 from .supervise import AppProcess, AppStartError
 
 log = logging.getLogger("sidecar")
@@ -221,7 +221,10 @@ class Sidecar:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
 
-        await self.registry.open()
+        try:
+            await self.registry.open()
+        except RegistryError as exc:  # keep serving; the registration loop retries
+            log.warning("%s", exc)
         await self.inbound_forwarder.start()
         await self.outbound_forwarder.start()
         started: list[Listener] = []

@@ -84,7 +84,7 @@ class LocalRegistry(Registry):
                 if self._db is None:
                     self._db = await asyncio.to_thread(self._connect)
                 return await asyncio.to_thread(fn, self._db, *args)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise RegistryUnavailable(f"{what} in local registry {self.path}: {exc}") from exc
 
     async def open(self) -> None:
