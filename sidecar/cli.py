@@ -105,6 +105,13 @@ CONSUL_FLAGS = (
     show_default=True,
     help="Seconds to wait for an upstream's response (504 after).",
 )
+@click.option(
+    "--max-request-body",
+    type=int,
+    default=1024**3,
+    show_default=True,
+    help="Largest request body in bytes (413 beyond; counted while streaming).",
+)
 @click.option("--registry", default="local", show_default=True, help="Registry backend: local or consul.")
 @click.option("--registry-path", default=None, help="SQLite file of the local registry.")
 @click.option(
@@ -177,6 +184,7 @@ def cli(**opts: Any) -> None:
             healthy_threshold=opts["healthy_threshold"],
             unhealthy_threshold=opts["unhealthy_threshold"],
             request_timeout=opts["request_timeout"],
+            max_request_body=opts["max_request_body"],
             registry=opts["registry"],
             registry_path=opts["registry_path"],
             registry_ttl=opts["registry_ttl"],

@@ -46,6 +46,7 @@ class AppConfig:
     healthy_threshold: int
     unhealthy_threshold: int
     request_timeout: float
+    max_request_body: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +209,7 @@ def build_config(
     healthy_threshold: int = 1,
     unhealthy_threshold: int = 2,
     request_timeout: float = 30.0,
+    max_request_body: int = 1024**3,
     registry: str = "local",
     registry_path: str | None = None,
     registry_ttl: float | None = None,
@@ -237,6 +239,8 @@ def build_config(
     if unhealthy_threshold < 1:
         raise ConfigError("--unhealthy-threshold", "must be at least 1")
     _positive("--request-timeout", request_timeout)
+    if max_request_body < 0:
+        raise ConfigError("--max-request-body", "must be >= 0 bytes")
     if registry not in REGISTRY_KINDS:
         raise ConfigError("--registry", f"{registry!r} is not one of {', '.join(REGISTRY_KINDS)}")
     _positive("--drain-delay", drain_delay, allow_zero=True)
@@ -278,6 +282,7 @@ def build_config(
             healthy_threshold=healthy_threshold,
             unhealthy_threshold=unhealthy_threshold,
             request_timeout=float(request_timeout),
+            max_request_body=max_request_body,
         ),
         listen=ListenConfig(
             inbound_host=inbound_host,

@@ -19,6 +19,8 @@ class SidecarError(Exception):
 
     status = 500
     code = "internal_error"
+    # The request's bytes can no longer be trusted to frame the next one: close after answering.
+    close_connection = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -63,11 +65,24 @@ class UpstreamTimeout(SidecarError):
 class BadRequest(SidecarError):
     status = 400
     code = "bad_request"
+    close_connection = True
 
 
 class MisdirectedRequest(SidecarError):
     status = 400
     code = "no_service_named"
+
+
+class PayloadTooLarge(SidecarError):
+    status = 413
+    code = "request_body_too_large"
+    close_connection = True
+
+
+class ExpectationFailed(SidecarError):
+    status = 417
+    code = "expectation_failed"
+    close_connection = True
 
 
 class RegistryUnavailableError(SidecarError):
@@ -81,9 +96,12 @@ def error_response(err: SidecarError, sidecar_name: str, request_id: str | None 
     if request_id:
         headers["X-Request-Id"] = request_id
         body["request_id"] = request_id
-    return web.Response(
+    response = web.Response(
         status=err.status,
         text=json.dumps(body) + "\n",
         content_type="application/json",
         headers=headers,
     )
+    if err.close_connection:
+        response.force_close()
+    return response

@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from .errors import (
+    ExpectationFailed,
+    PayloadTooLarge,
+    SidecarError,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,7 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
 def request_headers(request: web.BaseRequest, host: str | None) -> tuple[CIMultiDict[str], str]:
     """Headers to send upstream, and the request id they carry."""
     headers = strip_hop_by_hop(request.headers)
+    headers.popall("Expect", None)  # answered by the sidecar itself (see Forwarder._body)
     for key in [k for k in headers if k.lower().startswith(INTERNAL_PREFIX)]:
         headers.popall(key)
     # Rack and Puma read '_' and '-' alike: a header with '_' could spoof a trusted one.
@@ -109,7 +117,9 @@ class Forwarder:
         request_timeout: float = 30.0,
         keepalive_timeout: float = 4.0,
         limit: int = 1024,
+        max_body: int = 1024**3,
     ) -> None:
+        self._max_body = max_body
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._keepalive_timeout = keepalive_timeout
@@ -160,16 +170,39 @@ class Forwarder:
         for key, value in extra_headers:
             headers[key] = value
         url = f"http://{endpoint}{path}"
-        body = request.content if request.body_exists else None
+        body = await self._body(request)
         self.active += 1
         try:
-            upstream = await self._send(request.method, url, headers, body, endpoint)
+            try:
+                upstream = await self._send(request.method, url, headers, body, endpoint)
+            except SidecarError:
+                if isinstance(body, _LimitedBody) and body.exceeded:
+                    raise PayloadTooLarge(f"request body over the {self._max_body}-byte limit") from None
+                raise
             try:
                 return await self._relay(request, upstream, request_id)
             finally:
                 upstream.release()
         finally:
             self.active -= 1
+
+    async def _body(self, request: web.BaseRequest) -> _LimitedBody | None:
+        """The request body as a byte stream with the size limit applied, or None.
+
+        A declared length over the limit is refused before anything is read (and before a
+        100 Continue); a chunked body is counted while it streams.
+        """
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise ExpectationFailed(f"unsupported expectation {expect!r}")
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise PayloadTooLarge(f"request body of {length} bytes is over the {self._max_body}-byte limit")
+        if not request.body_exists:
+            return None
+        if expect is not None and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return _LimitedBody(request.content, self._max_body)
 
     async def _send(
         self,
@@ -240,6 +273,26 @@ class Forwarder:
             return response
         await response.write_eof()
         return response
+
+
+class _LimitedBody:
+    """Streams a request body upstream, counting it against the size limit."""
+
+    __slots__ = ("_content", "_limit", "exceeded", "sent")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.sent = 0
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._content.iter_any():
+            self.sent += len(chunk)
+            if self.sent > self._limit:
+                self.exceeded = True
+                raise PayloadTooLarge(f"request body over the {self._limit}-byte limit")
+            yield chunk
 
 
 def _reason(exc: BaseException) -> str:

@@ -39,6 +39,8 @@ from .supervise import AppProcess, AppStartError
 log = logging.getLogger("sidecar")
 
 EXIT_CRASH = 1
+IDLE_TIMEOUT = 75.0
+MAX_HEADERS = 100
 EXIT_APP_NOT_FOUND = 127
 
 
@@ -64,9 +66,17 @@ class Listener:
                 handler, handle_signals=False, access_log=None, shutdown_timeout=grace
             )
         else:
-            self.runner = web.ServerRunner(
-                web.Server(handler, access_log=None), handle_signals=False, shutdown_timeout=grace
+            server = web.Server(
+                handler,
+                access_log=None,
+                # Longer than the 4 s idle timeout of the peers' pools, so that a peer
+                # closes an idle connection before we do and never races a request.
+                keepalive_timeout=IDLE_TIMEOUT,
+                # A proxy passes bodies through as they are, compressed or not.
+                auto_decompress=False,
+                max_headers=MAX_HEADERS,
             )
+            self.runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=grace)
         self.port = 0
 
     def __repr__(self) -> str:
@@ -95,8 +105,13 @@ class Sidecar:
         self.started_at = time.time()
         self.registry = make_registry(config)
         self.health = HealthChecker(config.app)
-        self.inbound_forwarder = Forwarder(request_timeout=config.app.request_timeout)
-        self.outbound_forwarder = Forwarder(request_timeout=config.app.request_timeout)
+        app_cfg = config.app
+        self.inbound_forwarder = Forwarder(
+            request_timeout=app_cfg.request_timeout, max_body=app_cfg.max_request_body
+        )
+        self.outbound_forwarder = Forwarder(
+            request_timeout=app_cfg.request_timeout, max_body=app_cfg.max_request_body
+        )
         self.discovery = Discovery(self.registry)
         name = config.service.name
         self.inbound = Inbound(name, config.app.host, config.app.port, self.health, self.inbound_forwarder)

@@ -296,3 +296,55 @@ def test_round_robin_over_instances(start_app, start_sidecar):
     )
     pids = {json.loads(http("GET", f"{caller.outbound}/multi/x")[2])["pid"] for _ in range(6)}
     assert pids == {one.pid, two.pid}
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        raw = b""
+        try:
+            while chunk := s.recv(65536):
+                raw += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return raw
+
+
+def test_body_limit_declared_length_is_413_before_100_continue(start_app, start_sidecar):
+    app = start_app()
+    sc = start_sidecar(app.port, "--max-request-body", "1000")
+    raw = raw_exchange(
+        sc.inbound_port,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 413"), raw[:100]
+    assert b"100 Continue" not in raw
+    assert b"request_body_too_large" in raw
+
+
+def test_body_limit_counts_chunked_bodies(start_app, start_sidecar):
+    app = start_app()
+    sc = start_sidecar(app.port, "--max-request-body", "1000")
+    chunk = b"400\r\n" + b"z" * 1024 + b"\r\n"
+    raw = raw_exchange(
+        sc.inbound_port,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 413"), raw[:100]
+    # under the limit passes
+    status, _, body = http("POST", f"{sc.inbound}/upload", body=b"a" * 900)
+    assert status == 200 and json.loads(body)["size"] == 900
+
+
+def test_expect_100_continue_is_answered(start_app, start_sidecar):
+    app = start_app()
+    sc = start_sidecar(app.port)
+    with socket.create_connection(("127.0.0.1", sc.inbound_port), timeout=5) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        interim = s.recv(100)
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        s.sendall(b"hello")
+        raw = b""
+        while b"sha256" not in raw:
+            raw += s.recv(65536)
+    assert b"HTTP/1.1 200" in raw and b'"size": 5' in raw
