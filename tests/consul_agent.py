@@ -1727,11 +1727,11 @@ class ConsulTestAgent:
             "X-Consul-Effective-Consistency": "leader",
         }
         if self.acl_enabled:
-            headers["X-Consul-Default-Acl-Policy"] = "deny"
+            headers["X-Consul-Default-ACL-Policy"] = "deny"
         else:
-            headers["X-Consul-Default-Acl-Policy"] = "allow"
+            headers["X-Consul-Default-ACL-Policy"] = "allow"
         if token and filtered:
-            headers["X-Consul-Results-Filtered-By-Acls"] = "true"
+            headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return headers
 
     async def _query(
@@ -1888,7 +1888,7 @@ class ConsulTestAgent:
         visible = [m for m in members if authz.allowed("node", "read", self.node_name)]
         headers = {}
         if secret and len(visible) != len(members):
-            headers["X-Consul-Results-Filtered-By-Acls"] = "true"
+            headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return _json(visible, headers=headers)
 
     async def h_agent_services(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
@@ -1900,7 +1900,7 @@ class ConsulTestAgent:
         visible = {k: v for k, v in services.items() if authz.can_read_service(v["Service"])}
         headers = {}
         if secret and len(visible) != len(services):
-            headers["X-Consul-Results-Filtered-By-Acls"] = "true"
+            headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return _json(visible, headers=headers)
 
     async def h_agent_service(self, request: web.BaseRequest, service_id: str) -> web.StreamResponse:
@@ -1945,7 +1945,7 @@ class ConsulTestAgent:
         }
         headers = {}
         if secret and len(visible) != len(checks):
-            headers["X-Consul-Results-Filtered-By-Acls"] = "true"
+            headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return _json(visible, headers=headers)
 
     def _parse_service(self, raw: Any) -> tuple[Service, list[CheckSpec], dict[str, Any] | None]:
