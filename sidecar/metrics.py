@@ -1,0 +1,172 @@
+"""The sidecar's Prometheus metrics, on a registry of their own (never the global one).
+
+Labels stay bounded: methods fold into `read`/`write`, statuses into `2xx`..`5xx`, and
+after `max_services` distinct service names further ones are counted as `other`, so a
+caller that invents names cannot grow the series without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Seconds; a sidecar hop is usually milliseconds, a slow upstream up to the 30 s default timeout.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OTHER = "other"
+
+
+def method_class(method: str) -> str:
+    """`read` for GET/HEAD/OPTIONS, `write` for every other method."""
+    return "read" if method.upper() in READ_METHODS else "write"
+
+
+def status_class(status: int) -> str:
+    """`1xx`..`5xx`, or `other` for a value outside HTTP's range."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else OTHER
+
+
+class Metrics:
+    """Every metric of issue 6; `render()` answers /metrics.
+
+    `on_scrape(callback)` registers a function run just before each render, to copy
+    state that lives elsewhere (app health, registry, endpoint counts) into gauges.
+    """
+
+    def __init__(self, *, process: bool = True, max_services: int = 200) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.max_services = max_services
+        self._services: set[str] = set()
+        self._scrape_hooks: list[Callable[[], None]] = []
+        r = self.registry
+        self.up = Gauge("sidecar_up", "1 while the sidecar runs.", registry=r)
+        self.up.set(1)
+        self.requests = Counter(
+            "sidecar_requests",
+            "Requests handled, by direction, service, method class and status class.",
+            ["direction", "service", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time from receiving a request to the end of its response, by direction and service.",
+            ["direction", "service"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.active = Gauge(
+            "sidecar_active_requests",
+            "Requests in flight, by direction and service.",
+            ["direction", "service"],
+            registry=r,
+        )
+        self.retries = Counter("sidecar_retries", "Retries sent, by service.", ["service"], registry=r)
+        self.budget_exhausted = Counter(
+            "sidecar_retry_budget_exhausted",
+            "Retries refused because the retry budget was spent, by service.",
+            ["service"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "sidecar_ejections", "Endpoints ejected as outliers, by service.", ["service"], registry=r
+        )
+        self.endpoints = Gauge(
+            "sidecar_endpoints", "Healthy endpoints known per service.", ["service"], registry=r
+        )
+        self.endpoints_ejected = Gauge(
+            "sidecar_endpoints_ejected", "Endpoints currently ejected per service.", ["service"], registry=r
+        )
+        self.registry_up = Gauge(
+            "sidecar_registry_up", "1 when the last exchange with the service registry succeeded.", registry=r
+        )
+        self.registry_last_sync = Gauge(
+            "sidecar_registry_last_sync_timestamp_seconds",
+            "Unix time of the last successful exchange with the service registry.",
+            registry=r,
+        )
+        self.app_healthy = Gauge(
+            "sidecar_app_healthy", "1 when the app passes its health checks.", registry=r
+        )
+        if process:
+            ProcessCollector(registry=r)
+
+    def __repr__(self) -> str:
+        return f"<Metrics services={len(self._services)} hooks={len(self._scrape_hooks)}>"
+
+    def service_label(self, service: str) -> str:
+        """`service` itself, or `other` once `max_services` names are in use."""
+        if service in self._services:
+            return service
+        if len(self._services) >= self.max_services:
+            return OTHER
+        self._services.add(service)
+        return service
+
+    # -- per request -------------------------------------------------------------------
+
+    def observe_request(self, direction: str, service: str, method: str, status: int, seconds: float) -> None:
+        """Count one finished request and its latency. `direction`: inbound or outbound."""
+        label = self.service_label(service)
+        self.requests.labels(direction, label, method_class(method), status_class(status)).inc()
+        self.latency.labels(direction, label).observe(seconds)
+
+    @contextmanager
+    def in_flight(self, direction: str, service: str) -> Iterator[None]:
+        """Counts a request as active for the duration of the `with` block."""
+        gauge = self.active.labels(direction, self.service_label(service))
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    def inc_retry(self, service: str) -> None:
+        self.retries.labels(self.service_label(service)).inc()
+
+    def inc_budget_exhausted(self, service: str) -> None:
+        self.budget_exhausted.labels(self.service_label(service)).inc()
+
+    def inc_ejection(self, service: str) -> None:
+        self.ejections.labels(self.service_label(service)).inc()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def set_endpoints(self, service: str, healthy: int, ejected: int = 0) -> None:
+        label = self.service_label(service)
+        self.endpoints.labels(label).set(healthy)
+        self.endpoints_ejected.labels(label).set(ejected)
+
+    def set_registry(self, up: bool, last_sync: float | None) -> None:
+        """Registry reachability and the Unix time of its last good answer (None: never)."""
+        self.registry_up.set(1 if up else 0)
+        if last_sync is not None:
+            self.registry_last_sync.set(last_sync)
+
+    def set_app_healthy(self, healthy: bool) -> None:
+        self.app_healthy.set(1 if healthy else 0)
+
+    def on_scrape(self, callback: Callable[[], None]) -> None:
+        """Run `callback` before every render (to refresh gauges from live state)."""
+        self._scrape_hooks.append(callback)
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, Content-Type) of the Prometheus text exposition."""
+        for hook in self._scrape_hooks:
+            try:
+                hook()
+            except Exception:  # a broken hook must not take /metrics down with it
+                log.exception("metrics scrape hook %r failed", hook)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
