@@ -1,0 +1,327 @@
+"""Side-by-side benchmark of issue 7: direct, one sidecar, the mesh path, and nginx.
+
+    python bench/run.py [--quick] [--repeat N] [--duration S] [--json FILE] [--profile FILE]
+
+See bench/README.md for what each column means. Everything runs on loopback, every load
+run is bounded in time, and every process this starts is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    BIG,
+    ROOT,
+    Harness,
+    MiB,
+    cpu_seconds,
+    ensure_debian_packages,
+    ensure_py_spy,
+    raise_fd_limit,
+    rss_kib,
+    rss_with_keepalive,
+    run_wrk,
+    tool_version,
+)
+from report import (
+    median_row,
+    profile_summary,
+    profile_text,
+    small_table,
+    transfer_table,
+    verdict_table,
+    verdicts,
+)
+from stack import Stack, Target, start_stack
+
+ALL_TARGETS = ["direct", "sidecar", "mesh", "nginx"]
+PATHS = {"small": "/small", "download": "/10m", "upload": "/upload"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s per cell, 1 repeat")
+    p.add_argument("--repeat", type=int, help="full runs to take medians over (default 3; 1 with --quick)")
+    p.add_argument("--duration", type=float, help="seconds per cell (default 8; 2 with --quick)")
+    p.add_argument("--json", type=Path, help="also write every run and the medians here")
+    p.add_argument("--conns", default="1,16,64,1000", help="connection counts for the small response")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
+    p.add_argument("--proxy-core", type=int, default=0, help="core for the sidecars and nginx proxy")
+    p.add_argument("--load-core", type=int, default=1, help="core for wrk (and this driver)")
+    p.add_argument("--app-core", type=int, default=1, help="core for the upstream app")
+    p.add_argument("--keepalive-conns", type=int, default=1000, help="idle connections for the RSS column")
+    p.add_argument("--profile", type=Path, help="py-spy the one-hop sidecar at 16 conns; raw stacks here")
+    p.add_argument("--profile-seconds", type=float, default=10.0)
+    p.add_argument("--profile-only", action="store_true", help="skip the matrix, only --profile")
+    p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (path printed)")
+    args = p.parse_args(argv)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    args.duration = args.duration or (2.0 if args.quick else 8.0)
+    args.conns = [int(c) for c in args.conns.split(",") if c]
+    args.targets = [t for t in args.targets.split(",") if t]
+    unknown = set(args.targets) - set(ALL_TARGETS)
+    if unknown:
+        p.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.profile_only and not args.profile:
+        p.error("--profile-only needs --profile FILE")
+    if args.profile and "sidecar" not in args.targets:
+        args.targets.append("sidecar")
+    return args
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def machine_info() -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "sidecar"], cwd=ROOT, capture_output=True, text=True
+    )
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "nginx": tool_version(["nginx", "-v"]),
+        "wrk": tool_version(["wrk", "-v"]),
+        "sidecar_commit": commit.stdout.strip() or "?",
+        "sidecar_dirty": bool(dirty.stdout.strip()),  # uncommitted changes under sidecar/ were measured
+    }
+
+
+def measure(
+    harness: Harness, stack: Stack, target: Target, kind: str, conns: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One wrk run against one target; CPU of the proxy and the app read from /proc around it."""
+    app_pids = [stack.app.pid]
+    cpu0, app0 = cpu_seconds(target.pids), cpu_seconds(app_pids)
+    t0 = time.monotonic()
+    w = run_wrk(
+        harness,
+        target.url(PATHS[kind]),
+        conns,
+        args.duration,
+        args.load_core,
+        upload_bytes=BIG if kind == "upload" else 0,
+    )
+    wall = time.monotonic() - t0
+    proxy_cpu, app_cpu = cpu_seconds(target.pids) - cpu0, cpu_seconds(app_pids) - app0
+    for proc in target.procs:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} died during {kind}/{target.name}/{conns}:\n{proc.log_tail()}")
+    n = w["requests"]
+    secs = max(w["duration_us"], 1) / 1e6
+    load_cpu = w["wrk_cpu_s"] + (app_cpu if args.app_core == args.load_core else 0.0)
+    row: dict[str, Any] = {
+        "requests": n,
+        "rps": n / secs,
+        "p50_ms": w["p50_us"] / 1000,
+        "p99_ms": w["p99_us"] / 1000,
+        "max_ms": w["max_us"] / 1000,
+        "errors": w["connect_errors"] + w["read_errors"] + w["write_errors"] + w["status_errors"],
+        "timeouts": w["timeouts"],
+        "cpu_us": proxy_cpu * 1e6 / n if target.pids and n else None,
+        "app_cpu_us": app_cpu * 1e6 / n if n else None,
+        "load_core_pct": 100 * load_cpu / wall,
+        "proxy_core_pct": 100 * proxy_cpu / wall if target.pids else None,
+        "mib_s": None,
+    }
+    if kind == "download":
+        row["mib_s"] = w["bytes"] / secs / MiB
+    elif kind == "upload":
+        row["mib_s"] = n * BIG / secs / MiB
+    return row
+
+
+def describe(row: dict[str, Any]) -> str:
+    parts = [f"{row['rps']:,.0f} req/s", f"p50 {row['p50_ms']:.2f} ms", f"p99 {row['p99_ms']:.2f} ms"]
+    if row["mib_s"] is not None:
+        parts.insert(0, f"{row['mib_s']:,.0f} MiB/s")
+    if row["cpu_us"] is not None:
+        parts.append(f"{row['cpu_us']:.0f} us/req")
+    if row["errors"] or row["timeouts"]:
+        parts.append(f"{row['errors']} errors {row['timeouts']} timeouts")
+    return ", ".join(parts)
+
+
+def run_matrix(harness: Harness, stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    targets = list(stack.targets.values())
+    runs: dict[str, list[dict[str, Any]]] = {}
+    rss: dict[str, dict[str, list[int]]] = {t.name: {} for t in targets}
+    for t in targets:
+        if t.pids:
+            rss[t.name]["idle_kib"] = [rss_kib(t.pids)]
+
+    print(f"warming up ({len(targets)} targets) ...", flush=True)
+    for t in targets:
+        run_wrk(harness, t.url(PATHS["small"]), 16, 1.0, args.load_core)
+        run_wrk(harness, t.url(PATHS["download"]), 1, 1.0, args.load_core)
+
+    cells = [("small", c) for c in args.conns] + [("download", 1), ("upload", 1)]
+    for rep in range(args.repeat):
+        for kind, conns in cells:
+            for t in targets:
+                key = f"{kind}/{t.name}/{conns}"
+                row = measure(harness, stack, t, kind, conns, args)
+                runs.setdefault(key, []).append(row)
+                print(f"[{rep + 1}/{args.repeat}] {key:<22} {describe(row)}", flush=True)
+                time.sleep(1)  # let one cell's closing connections not bill the next
+        for t in targets:
+            if not t.pids:
+                continue
+            held = rss_with_keepalive(t.port, f"{t.prefix}/small", args.keepalive_conns, t.pids)
+            rss[t.name].setdefault("keepalive_kib", []).append(held["rss_kib"])
+            rss[t.name].setdefault("keepalive_failed", []).append(held["failed"])
+            print(
+                f"[{rep + 1}/{args.repeat}] rss/{t.name:<16} {held['rss_kib'] / 1024:.1f} MiB with "
+                f"{held['opened']} keep-alive connections ({held['failed']} failed)",
+                flush=True,
+            )
+            time.sleep(1)  # let one cell's closing connections not bill the next
+    time.sleep(2)
+    for t in targets:
+        if t.pids:
+            rss[t.name]["after_kib"] = [rss_kib(t.pids)]
+
+    medians = {key: median_row(rows) for key, rows in runs.items()}
+    rss_medians = {name: {k: statistics.median(v) for k, v in m.items()} for name, m in rss.items()}
+    return {"runs": runs, "medians": medians, "rss_runs": rss, "rss": rss_medians}
+
+
+def run_profile(harness: Harness, stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    py_spy = ensure_py_spy()
+    target = stack.targets["sidecar"]
+    pid = stack.sidecars["b"].pid
+    seconds = int(max(args.profile_seconds, 1))
+    print(f"profiling sidecar pid {pid} for {seconds} s at 16 conns ...", flush=True)
+    wrk = harness.start(
+        "wrk-profile",
+        [
+            "wrk",
+            "-t1",
+            "-c16",
+            f"-d{seconds + 5}s",
+            "-s",
+            str(Path(__file__).parent / "wrk.lua"),
+            target.url(PATHS["small"]),
+        ],
+        core=args.load_core,
+        stop_signal=signal.SIGKILL,
+    )
+    try:
+        time.sleep(1.5)
+        argv = [
+            "taskset",
+            "-c",
+            str(args.load_core),
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "100",
+            "--format",
+            "raw",
+            "--output",
+            str(args.profile),
+        ]
+        spy = harness.start("py-spy", argv)
+        spy.popen.wait(seconds + 60)
+        if spy.popen.returncode != 0:
+            raise RuntimeError(f"py-spy failed:\n{spy.log_tail()}")
+        wrk.popen.wait(seconds + 30)
+    finally:
+        wrk.stop()
+    summary = profile_summary(args.profile.read_text())
+    print(profile_text(summary), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    ensure_debian_packages(["wrk", "nginx"])
+    if not shutil.which("taskset"):
+        print("taskset (util-linux) is required", file=sys.stderr)
+        return 2
+    cpus = os.cpu_count() or 1
+    if max(args.proxy_core, args.load_core, args.app_core) >= cpus:
+        print(f"only {cpus} cores: use --proxy-core/--load-core/--app-core below {cpus}", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    os.sched_setaffinity(0, {args.load_core})  # this driver stays off the proxy's core
+    info = machine_info()
+    print(
+        f"{info['date']}  {info['cpu']} x{info['cpus']}  load {info['loadavg_start'][0]:.2f}  "
+        f"{info['nginx']}  sidecar {info['sidecar_commit']}{'+dirty' if info['sidecar_dirty'] else ''}\n"
+        f"cores: proxy {args.proxy_core}, wrk {args.load_core}, app {args.app_core}; "
+        f"{args.duration:g} s per cell, {args.repeat} repeat(s)",
+        flush=True,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="micro-sidecar-bench-"))
+    harness = Harness(workdir)
+    result: dict[str, Any] = {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()}}
+    try:
+        stack = start_stack(harness, args.targets, args.proxy_core, args.app_core)
+        if not args.profile_only:
+            result.update(run_matrix(harness, stack, args))
+            med, rss = result["medians"], result["rss"]
+            names = list(stack.targets)
+            result["verdicts"] = verdicts(med, rss)
+            print()
+            print(f"small response ({len(b'hello, world') + 1} bytes), medians of {args.repeat} run(s):")
+            print(small_table(med, names, args.conns))
+            print()
+            print("10 MiB transfers (1 connection) and memory:")
+            print(transfer_table(med, rss, names))
+            print()
+            print("issue 7 targets (ratio = target / nginx, same run):")
+            print(verdict_table(result["verdicts"]))
+        if args.profile:
+            print()
+            result["profile"] = run_profile(harness, stack, args)
+        result["machine"]["loadavg_end"] = os.getloadavg()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        harness.close()
+        if args.keep_workdir:
+            print(f"work dir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The processes under test: the upstream app, two sidecars on one local registry, nginx.
+
+    direct   wrk -> app
+    sidecar  wrk -> sidecar B inbound -> app                                  (one hop)
+    mesh     wrk -> sidecar A outbound (/upstream/...) -> sidecar B inbound -> app
+    nginx    wrk -> nginx keep-alive reverse proxy (1 worker) -> app           (the reference)
+
+The app is nginx too (1 worker): `return 200` for the small response, a static 10 MiB file
+with sendfile for the download, and a sink that reads a whole upload before it answers.
+It is the fastest upstream at hand, so it is not what limits any row.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import BIG, SMALL_BODY, Harness, Proc, free_port, wait_http
+
+UPSTREAM_NAME = "upstream"
+CLIENT_NAME = "client"
+
+_COMMON = """\
+worker_processes 1;
+daemon off;
+master_process on;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  default_type application/octet-stream;
+  sendfile on;
+  tcp_nopush on;
+  tcp_nodelay on;
+  keepalive_timeout 120s;
+  keepalive_requests 1000000;
+  client_max_body_size 0;
+{server}
+}}
+"""
+
+# The upload sink: `mirror` reads the whole request body (in memory: buffer > 10 MiB) before
+# the request goes on; POST on a static file is then a 405, turned into a 200 "ok".
+# (A plain `return 200` would answer before the body is read, which breaks keep-alive
+# clients that are still sending.)
+_APP_SERVER = """\
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    root {dir}/www;
+    client_body_buffer_size 16m;
+    location = /small {{ default_type text/plain; return 200 "{small}"; }}
+    location = /health {{ return 200 "ok"; }}
+    location = /10m {{ }}
+    location = /upload {{ mirror /sink; error_page 405 =200 /ok; }}
+    location = /sink {{ internal; return 204; }}
+    location = /ok {{ default_type text/plain; }}
+  }}
+"""
+
+# The reference: a keep-alive reverse proxy that streams both ways like the sidecar does
+# (no response buffering, no request buffering, 64 KiB reads like the sidecar's chunks)
+# and sets the same kind of forwarding headers.
+_PROXY_SERVER = """\
+  upstream app {{
+    server 127.0.0.1:{app_port};
+    keepalive 1024;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=1024;
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header X-Request-Id $request_id;
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_buffer_size 64k;
+      proxy_buffers 8 64k;
+      client_body_buffer_size 64k;
+      proxy_max_temp_file_size 0;
+    }}
+  }}
+"""
+
+
+def _nginx_conf(directory: Path, server: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    # As root, nginx's worker would switch to `nobody`, which cannot read our 0700 temp dir.
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = directory / "nginx.conf"
+    conf.write_text(_COMMON.format(user=user, dir=directory, server=server))
+    return conf
+
+
+def _start_nginx(harness: Harness, name: str, directory: Path, server: str, core: int) -> Proc:
+    conf = _nginx_conf(directory, server)
+    argv = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "error.log")]
+    # SIGQUIT would wait for keep-alive clients; SIGTERM is nginx's fast shutdown.
+    return harness.start(name, argv, core=core, stop_signal=signal.SIGTERM)
+
+
+@dataclass
+class Target:
+    name: str
+    base: str  # URL prefix that paths are appended to
+    port: int
+    prefix: str  # path prefix inside `base` (the mesh's /<service>)
+    procs: list[Proc] = field(default_factory=list)  # the proxy processes (none for direct)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+
+@dataclass
+class Stack:
+    app: Proc
+    app_port: int
+    targets: dict[str, Target]
+    sidecars: dict[str, Proc]
+
+
+def start_stack(harness: Harness, names: list[str], proxy_core: int, app_core: int) -> Stack:
+    work = harness.workdir
+    app_dir = work / "app"
+    (app_dir / "www").mkdir(parents=True)
+    with open(app_dir / "www" / "10m", "wb") as f:
+        f.write(os.urandom(BIG))
+    (app_dir / "www" / "upload").write_text("ok\n")
+    (app_dir / "www" / "ok").write_text("ok\n")
+    app_port = free_port()
+    small = SMALL_BODY.decode().replace("\n", "\\n")
+    app = _start_nginx(
+        harness, "app-nginx", app_dir, _APP_SERVER.format(port=app_port, dir=app_dir, small=small), app_core
+    )
+    wait_http(f"http://127.0.0.1:{app_port}/small", app, want=SMALL_BODY)
+
+    targets: dict[str, Target] = {}
+    sidecars: dict[str, Proc] = {}
+    if "direct" in names:
+        targets["direct"] = Target("direct", f"http://127.0.0.1:{app_port}", app_port, "")
+
+    if "sidecar" in names or "mesh" in names:
+        registry = work / "registry.sqlite3"
+        b_ports = _sidecar_ports()
+        b = _start_sidecar(harness, "sidecar-b", UPSTREAM_NAME, app_port, b_ports, registry, proxy_core)
+        sidecars["b"] = b
+        wait_http(f"http://127.0.0.1:{b_ports[2]}/ready", b)
+        wait_http(f"http://127.0.0.1:{b_ports[0]}/small", b, want=SMALL_BODY)
+        if "sidecar" in names:
+            targets["sidecar"] = Target("sidecar", f"http://127.0.0.1:{b_ports[0]}", b_ports[0], "", [b])
+        if "mesh" in names:
+            a_ports = _sidecar_ports()
+            a = _start_sidecar(harness, "sidecar-a", CLIENT_NAME, app_port, a_ports, registry, proxy_core)
+            sidecars["a"] = a
+            wait_http(f"http://127.0.0.1:{a_ports[2]}/ready", a)
+            base = f"http://127.0.0.1:{a_ports[1]}/{UPSTREAM_NAME}"
+            wait_http(f"{base}/small", a, want=SMALL_BODY)
+            targets["mesh"] = Target("mesh", base, a_ports[1], f"/{UPSTREAM_NAME}", [a, b])
+
+    if "nginx" in names:
+        port = free_port()
+        proxy = _start_nginx(
+            harness,
+            "proxy-nginx",
+            work / "proxy",
+            _PROXY_SERVER.format(port=port, app_port=app_port),
+            proxy_core,
+        )
+        wait_http(f"http://127.0.0.1:{port}/small", proxy, want=SMALL_BODY)
+        targets["nginx"] = Target("nginx", f"http://127.0.0.1:{port}", port, "", [proxy])
+
+    return Stack(app, app_port, {n: targets[n] for n in names if n in targets}, sidecars)
+
+
+def _sidecar_ports() -> tuple[int, int, int]:
+    return free_port(), free_port(), free_port()
+
+
+def _start_sidecar(
+    harness: Harness,
+    label: str,
+    name: str,
+    app_port: int,
+    ports: tuple[int, int, int],
+    registry: Path,
+    core: int,
+) -> Proc:
+    inbound, outbound, admin = ports
+    argv = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "--name",
+        name,
+        "--app-port",
+        str(app_port),
+        "--inbound-host",
+        "127.0.0.1",
+        "--inbound-port",
+        str(inbound),
+        "--outbound-port",
+        str(outbound),
+        "--admin-port",
+        str(admin),
+        "--registry-path",
+        str(registry),
+        "--health-path",
+        "/health",
+        "--log-level",
+        "warning",
+        "--drain-delay",
+        "0",
+    ]
+    return harness.start(label, argv, core=core, second_signal=True)
