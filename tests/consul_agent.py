@@ -526,6 +526,8 @@ def _filter_contains(target: Any, value: str) -> bool:
 
 
 LEVELS = {"deny": 0, "read": 1, "list": 1, "write": 2}
+NAMED_RESOURCES = ("service", "node", "key", "agent", "session", "event", "query")
+UNNAMED_RESOURCES = ("operator", "acl", "keyring", "mesh", "peering")
 
 
 @dataclass
@@ -561,11 +563,16 @@ def parse_policy(policy: Any) -> tuple[bool, dict[str, list[tuple[str, bool, str
 
     for key, value in policy.items():
         short = re.fullmatch(r"(\w+?)_(read|write|deny|list)", key)
-        if short and short.group(1) not in ("service", "node", "key", "agent", "session", "event", "query"):
+        if short and short.group(1) not in NAMED_RESOURCES + UNNAMED_RESOURCES:
             short = None
         if short:
             resource, level = short.group(1), short.group(2)
-            names = ["*"] if value is True else [] if value is False else value
+            if value is False:
+                names = []
+            elif value is True or resource in UNNAMED_RESOURCES:
+                names = ["*"]
+            else:
+                names = value
             if isinstance(names, str):
                 names = [names]
             for name in names:
@@ -576,7 +583,7 @@ def parse_policy(policy: Any) -> tuple[bool, dict[str, list[tuple[str, bool, str
                 else:
                     add(resource, name, False, level)
             continue
-        if key in ("operator", "acl", "keyring", "mesh", "peering"):
+        if key in UNNAMED_RESOURCES:
             add(key, "", True, value if isinstance(value, str) else value.get("policy", "deny"))
             continue
         prefix = key.endswith("_prefix")
@@ -1148,6 +1155,10 @@ class ConsulTestAgent:
         return int(self._control.addresses[0][1])
 
     async def stop(self) -> None:
+        # Release hung requests first; their connections are dropped with the listener below.
+        self.fault = "none"
+        event, self._fault_changed = self._fault_changed, asyncio.Event()
+        event.set()
         for check in self._checks.values():
             self._stop_runner(check)
         if self._reaper:
@@ -1162,7 +1173,6 @@ class ConsulTestAgent:
             await self._control.cleanup()
         if self._session:
             await self._session.close()
-        self._fault_changed.set()
 
     # -- faults -----------------------------------------------------------------------------
 
@@ -1667,7 +1677,7 @@ class ConsulTestAgent:
                     route, rest = (methods, handler), path[len(prefix) :]
                     break
         if route is None:
-            return _text(404, "404 page not found\n" if not path.startswith("/v1/") else "")
+            return _text(404, "404 page not found\n")
         methods, handler = route
         if request.method == "OPTIONS":
             return web.Response(status=200, headers={"Allow": ",".join((*methods, "OPTIONS"))})
@@ -1686,7 +1696,7 @@ class ConsulTestAgent:
                 secret = " ".join(parts[1:]).strip().split(" ")[0]
         if not self.acl_enabled:
             return Authz(False, None), secret
-        if not secret:
+        if not secret or secret == "anonymous":
             return Authz(True, None), ""
         token = self.tokens.get(secret)
         if token is None:

@@ -441,6 +441,10 @@ def test_fault_hang_accepts_and_never_answers(consul_agent):
     assert time.monotonic() - start >= 0.29
     consul_agent.set_fault("none")
     assert call(consul_agent, "GET", "/v1/status/leader").status == 200
+    # Left hanging on purpose: stopping the fixture must still be quick.
+    consul_agent.set_fault("hang")
+    with pytest.raises((TimeoutError, urllib.error.URLError)):
+        call(consul_agent, "GET", "/v1/status/leader", timeout=0.1)
 
 
 def test_fault_wipe_forgets_everything_and_the_index_keeps_rising(consul_agent):
