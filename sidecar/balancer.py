@@ -251,6 +251,10 @@ class Balancer:
     def services(self) -> list[str]:
         return sorted(self._services)
 
+    def describe_all(self) -> dict[str, list[dict[str, object]]]:
+        """`describe` for every service this balancer has picked for."""
+        return {service: self.describe(service) for service in self.services()}
+
     def describe(self, service: str) -> list[dict[str, object]]:
         """Per-endpoint state of `service` for /status (JSON-able)."""
         svc = self._services.get(service)

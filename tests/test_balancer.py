@@ -290,6 +290,8 @@ def test_services_are_independent():
     b.acquire("o", other)
     assert b.counts("o") == (3, 0)
     assert b.services() == ["o", "svc"]
+    assert sorted(b.describe_all()) == ["o", "svc"]
+    assert [e["health"] for e in b.describe_all()["svc"]] == ["ejected", "healthy", "healthy"]
 
 
 # -- concurrency limit ----------------------------------------------------------------------
