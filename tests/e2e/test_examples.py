@@ -78,7 +78,7 @@ class Mesh:
         return self.services["fortune"]
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "consul"])
 def registry(request, registry_path) -> Registry:
     if request.param == "local":
 
