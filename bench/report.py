@@ -62,6 +62,7 @@ def small_table(med: dict[str, dict[str, Any]], targets: list[str], conns: list[
         "timeouts",
         "load core %",
         "proxy cpu %",
+        "others %",
     ]
     rows = []
     for c in conns:
@@ -82,6 +83,7 @@ def small_table(med: dict[str, dict[str, Any]], targets: list[str], conns: list[
                     fmt(m["timeouts"], 0),
                     fmt(m["load_core_pct"], 0),
                     fmt(m["proxy_core_pct"], 0),
+                    fmt(m["others_pct"], 0),
                 ]
             )
     return table(headers, rows)

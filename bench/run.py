@@ -31,6 +31,7 @@ from harness import (
     cpu_seconds,
     ensure_debian_packages,
     ensure_py_spy,
+    machine_busy_seconds,
     raise_fd_limit,
     rss_kib,
     rss_with_keepalive,
@@ -121,6 +122,7 @@ def measure(
     """One wrk run against one target; CPU of the proxy and the app read from /proc around it."""
     app_pids = [stack.app.pid]
     cpu0, app0 = cpu_seconds(target.pids), cpu_seconds(app_pids)
+    busy0 = machine_busy_seconds()
     t0 = time.monotonic()
     w = run_wrk(
         harness,
@@ -131,6 +133,7 @@ def measure(
         upload_bytes=BIG if kind == "upload" else 0,
     )
     wall = time.monotonic() - t0
+    busy = machine_busy_seconds() - busy0
     proxy_cpu, app_cpu = cpu_seconds(target.pids) - cpu0, cpu_seconds(app_pids) - app0
     for proc in target.procs:
         if not proc.alive():
@@ -150,6 +153,8 @@ def measure(
         "app_cpu_us": app_cpu * 1e6 / n if n else None,
         "load_core_pct": 100 * load_cpu / wall,
         "proxy_core_pct": 100 * proxy_cpu / wall if target.pids else None,
+        # CPU that neither the proxy, the app nor wrk used: other tenants of this machine.
+        "others_pct": max(0.0, 100 * (busy - proxy_cpu - app_cpu - w["wrk_cpu_s"]) / wall),
         "mib_s": None,
     }
     if kind == "download":
@@ -267,6 +272,8 @@ def run_profile(harness: Harness, stack: Stack, args: argparse.Namespace) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Also when started in the background of a non-interactive shell, which ignores SIGINT.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     ensure_debian_packages(["wrk", "nginx"])
     if not shutil.which("taskset"):
