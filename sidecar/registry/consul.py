@@ -459,7 +459,7 @@ class ConsulRegistry(Registry):
     async def query(self, name: str, index: int, wait: float) -> QueryResult:
         """Healthy instances of `name` from `/v1/health/service/<name>?passing`.
 
-        With `index` > 0 this is a blocking query: the agent answers when the result
+        With `index` > 0 and `wait` > 0 this is a blocking query: the agent answers when the result
         changes or after `wait` seconds (plus up to wait/16 of jitter; the client-side
         timeout allows for that). The returned `index` is Consul's `X-Consul-Index` as is,
         even when it is lower than the one passed in (the agent restarted or its state was
@@ -471,7 +471,7 @@ class ConsulRegistry(Registry):
         if dc:
             params.append(("dc", dc))
         timeout = self._timeout
-        if index > 0:
+        if index > 0 and wait > 0:  # without a wait Consul would hold the call for 5 minutes
             params += [("index", str(index)), ("wait", _go_duration(wait))]
             timeout += wait + wait / 16
         op = f"querying healthy instances of {name!r}"
