@@ -33,7 +33,7 @@ class Admin:
         *,
         ready: Callable[[], tuple[bool, str]],
         status: Callable[[], dict[str, Any]],
-        metrics: Callable[[], str],
+        metrics: Callable[[], tuple[bytes, str]],
         shutdown: Callable[[str], None],
     ) -> None:
         self._ready = ready
@@ -61,7 +61,8 @@ class Admin:
         return _json(self._status())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self._metrics(), content_type="text/plain", charset="utf-8")
+        body, content_type = self._metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def shutdown(self, request: web.Request) -> web.Response:
         if not _is_loopback(request.remote):

@@ -159,6 +159,62 @@ CONSUL_FLAGS = (
     show_default=True,
     help="Seconds in-flight requests get to finish when stopping.",
 )
+@click.option("--lb", default="p2c", show_default=True, help="Outbound balancing: p2c or round_robin.")
+@click.option("--connect-timeout", type=float, default=2.0, show_default=True, help="Seconds to connect.")
+@click.option(
+    "--per-try-timeout",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds per outbound attempt (0: only the request timeout).",
+)
+@click.option(
+    "--retries", type=int, default=2, show_default=True, help="Outbound retries beyond the first try."
+)
+@click.option(
+    "--retry-budget",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Retries allowed as a share of recent requests (plus --retry-min-per-second).",
+)
+@click.option(
+    "--retry-min-per-second", type=float, default=3.0, show_default=True, help="Retry budget floor."
+)
+@click.option(
+    "--outlier-failures",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Consecutive failures that eject an endpoint.",
+)
+@click.option(
+    "--outlier-ejection-time",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds of the first ejection (grows with each repeat).",
+)
+@click.option(
+    "--max-ejection-percent",
+    type=float,
+    default=50.0,
+    show_default=True,
+    help="Largest share of a service's instances ejected at once.",
+)
+@click.option(
+    "--max-outstanding",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Outbound requests in flight per service before a fast 503 (0: no limit).",
+)
+@click.option(
+    "--access-log",
+    default="json",
+    show_default=True,
+    help="Access log on stdout: json, text or off.",
+)
 @click.option("--log-level", default="info", show_default=True, help="debug, info, warning or error.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def cli(**opts: Any) -> None:
@@ -192,6 +248,17 @@ def cli(**opts: Any) -> None:
             consul_flags=consul_flags,
             drain_delay=opts["drain_delay"],
             grace_period=opts["grace_period"],
+            lb=opts["lb"],
+            connect_timeout=opts["connect_timeout"],
+            per_try_timeout=opts["per_try_timeout"],
+            retries=opts["retries"],
+            retry_budget=opts["retry_budget"],
+            retry_min_per_second=opts["retry_min_per_second"],
+            outlier_failures=opts["outlier_failures"],
+            outlier_ejection_time=opts["outlier_ejection_time"],
+            max_ejection_percent=opts["max_ejection_percent"],
+            max_outstanding=opts["max_outstanding"],
+            access_log=opts["access_log"],
             log_level=opts["log_level"],
             command=opts["command"],
         )

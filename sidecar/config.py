@@ -19,6 +19,10 @@ from typing import Any, Literal
 RegistryKind = Literal["local", "consul"]
 REGISTRY_KINDS: tuple[RegistryKind, ...] = ("local", "consul")
 LogLevel = Literal["debug", "info", "warning", "error"]
+BalancerKind = Literal["p2c", "round_robin"]
+BALANCER_KINDS: tuple[BalancerKind, ...] = ("p2c", "round_robin")
+AccessLogFormat = Literal["json", "text", "off"]
+ACCESS_LOG_FORMATS: tuple[AccessLogFormat, ...] = ("json", "text", "off")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
 DEFAULT_INBOUND_PORT = 15006
@@ -79,6 +83,23 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TrafficConfig:
+    """Outbound traffic management and what the sidecar records about requests."""
+
+    balancer: BalancerKind
+    connect_timeout: float
+    per_try_timeout: float | None
+    retries: int
+    retry_budget: float
+    retry_min_per_second: float
+    outlier_failures: int
+    outlier_ejection_time: float
+    max_ejection_percent: float
+    max_outstanding: int | None
+    access_log: AccessLogFormat
+
+
+@dataclass(frozen=True, slots=True)
 class LifecycleConfig:
     drain_delay: float
     grace_period: float
@@ -91,6 +112,7 @@ class Config:
     service: ServiceConfig
     registry: RegistryConfig
     lifecycle: LifecycleConfig
+    traffic: TrafficConfig
     log_level: LogLevel
     command: tuple[str, ...] = ()
 
@@ -108,6 +130,9 @@ class Config:
             "meta": dict(self.service.meta),
             "drain_delay": self.lifecycle.drain_delay,
             "grace_period": self.lifecycle.grace_period,
+            "balancer": self.traffic.balancer,
+            "retries": self.traffic.retries,
+            "access_log": self.traffic.access_log,
             "supervising": list(self.command[:1]),
         }
 
@@ -217,6 +242,17 @@ def build_config(
     consul_flags: Mapping[str, str | None] | None = None,
     drain_delay: float = 2.0,
     grace_period: float = 20.0,
+    lb: str = "p2c",
+    connect_timeout: float = 2.0,
+    per_try_timeout: float = 0.0,
+    retries: int = 2,
+    retry_budget: float = 0.2,
+    retry_min_per_second: float = 3.0,
+    outlier_failures: int = 5,
+    outlier_ejection_time: float = 30.0,
+    max_ejection_percent: float = 50.0,
+    max_outstanding: int = 0,
+    access_log: str = "json",
     log_level: str = "info",
     command: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
@@ -246,6 +282,24 @@ def build_config(
     _positive("--drain-delay", drain_delay, allow_zero=True)
     _positive("--grace-period", grace_period, allow_zero=True)
     _positive("--deregister-critical-after", deregister_after)
+    if lb not in BALANCER_KINDS:
+        raise ConfigError("--lb", f"{lb!r} is not one of {', '.join(BALANCER_KINDS)}")
+    _positive("--connect-timeout", connect_timeout)
+    _positive("--per-try-timeout", per_try_timeout, allow_zero=True)
+    if retries < 0:
+        raise ConfigError("--retries", "must be >= 0")
+    if not 0 <= retry_budget <= 10:
+        raise ConfigError("--retry-budget", "must be a ratio between 0 and 10")
+    _positive("--retry-min-per-second", retry_min_per_second, allow_zero=True)
+    if outlier_failures < 1:
+        raise ConfigError("--outlier-failures", "must be at least 1")
+    _positive("--outlier-ejection-time", outlier_ejection_time)
+    if not 0 <= max_ejection_percent <= 100:
+        raise ConfigError("--max-ejection-percent", "must be between 0 and 100")
+    if max_outstanding < 0:
+        raise ConfigError("--max-outstanding", "must be >= 0 (0: no limit)")
+    if access_log not in ACCESS_LOG_FORMATS:
+        raise ConfigError("--access-log", f"{access_log!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
     if log_level.lower() not in LOG_LEVELS:
         raise ConfigError("--log-level", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 
@@ -307,6 +361,19 @@ def build_config(
             consul_flags=dict(consul_flags or {}),
         ),
         lifecycle=LifecycleConfig(drain_delay=float(drain_delay), grace_period=float(grace_period)),
+        traffic=TrafficConfig(
+            balancer=lb,
+            connect_timeout=float(connect_timeout),
+            per_try_timeout=float(per_try_timeout) or None,
+            retries=retries,
+            retry_budget=float(retry_budget),
+            retry_min_per_second=float(retry_min_per_second),
+            outlier_failures=outlier_failures,
+            outlier_ejection_time=float(outlier_ejection_time),
+            max_ejection_percent=float(max_ejection_percent),
+            max_outstanding=max_outstanding or None,
+            access_log=access_log,
+        ),
         log_level=log_level.lower(),  # type: ignore[arg-type]
         command=tuple(command),
     )

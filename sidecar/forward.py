@@ -16,9 +16,11 @@ this module's internals, not its interface.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import Literal
 
 import aiohttp
 from aiohttp import web
@@ -53,7 +55,10 @@ REQUEST_ID = "X-Request-Id"
 # Header names the sidecar uses between its own hops; a caller may not set them.
 INTERNAL_PREFIX = "x-sidecar-"
 CHUNK = 64 * 1024
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# How an attempt failed before any response: "connect_failure" (never sent), "reset"
+# (the connection broke, maybe after the app saw the request), "timeout" (no response
+# headers in time), "refused" (the sidecar itself refused the request, e.g. too large).
+AttemptFailure = Literal["connect_failure", "reset", "timeout", "refused"]
 
 
 def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -163,30 +168,27 @@ class Forwarder:
         *,
         host: str | None = None,
         extra_headers: Iterable[tuple[str, str]] = (),
+        timeout: float | None = None,
     ) -> web.StreamResponse:
-        """Send `request` to `http://<endpoint><path>` and stream the answer back."""
-        assert self._session is not None, "Forwarder.start() was not awaited"
+        """One attempt: send `request` to `http://<endpoint><path>`, stream the answer back."""
         headers, request_id = request_headers(request, host)
         for key, value in extra_headers:
             headers[key] = value
-        url = f"http://{endpoint}{path}"
-        body = await self._body(request)
-        self.active += 1
-        try:
+        body = await self.body(request)
+        # A pooled connection that the peer closed while idle fails before any byte of the
+        # answer; without a body to replay, one fresh attempt is safe.
+        attempts = 2 if body is None else 1
+        for attempt in range(attempts):
             try:
-                upstream = await self._send(request.method, url, headers, body, endpoint)
-            except SidecarError:
-                if isinstance(body, _LimitedBody) and body.exceeded:
-                    raise PayloadTooLarge(f"request body over the {self._max_body}-byte limit") from None
-                raise
-            try:
-                return await self._relay(request, upstream, request_id)
-            finally:
-                upstream.release()
-        finally:
-            self.active -= 1
+                upstream = await self.open(request.method, endpoint, path, headers, body, timeout)
+            except ForwardError as err:
+                if err.kind == "reset" and attempt + 1 < attempts:
+                    continue
+                raise err.error from err
+            return await self.relay(request, upstream, request_id)
+        raise AssertionError("unreachable")
 
-    async def _body(self, request: web.BaseRequest) -> _LimitedBody | None:
+    async def body(self, request: web.BaseRequest) -> LimitedBody | None:
         """The request body as a byte stream with the size limit applied, or None.
 
         A declared length over the limit is refused before anything is read (and before a
@@ -202,23 +204,27 @@ class Forwarder:
             return None
         if expect is not None and request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return _LimitedBody(request.content, self._max_body)
+        return LimitedBody(request.content, self._max_body)
 
-    async def _send(
+    async def open(
         self,
         method: str,
-        url: str,
-        headers: CIMultiDict[str],
-        body: object,
         endpoint: str,
+        path: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None,
+        timeout: float | None = None,
     ) -> aiohttp.ClientResponse:
-        assert self._session is not None
-        # A pooled connection that the peer closed while idle fails before any byte of
-        # the answer; that request was never processed, so one fresh attempt is safe
-        # when there is no body to replay.
-        attempts = 2 if body is None else 1
-        for attempt in range(attempts):
-            try:
+        """Send the request and wait for the response's headers. Raises ForwardError.
+
+        `timeout` bounds the wait for the response headers (the per-try timeout); the
+        body then streams with the idle read timeout of the pool.
+        """
+        assert self._session is not None, "Forwarder.start() was not awaited"
+        url = f"http://{endpoint}{path}"
+        self.active += 1
+        try:
+            async with asyncio.timeout(timeout):
                 return await self._session.request(
                     method,
                     url,
@@ -232,20 +238,41 @@ class Forwarder:
                     expect100=False,
                     proxy=None,
                 )
-            except aiohttp.ServerDisconnectedError as exc:
-                if attempt + 1 < attempts:
-                    continue
-                raise UpstreamProtocolError(f"{endpoint} closed the connection without answering") from exc
-            except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
-                raise UpstreamConnectError(f"cannot connect to {endpoint}: {_reason(exc)}") from exc
-            except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError, TimeoutError) as exc:
-                what = "connecting to" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "waiting for"
-                raise UpstreamTimeout(f"timed out {what} {endpoint}") from exc
-            except aiohttp.ClientResponseError as exc:
-                raise UpstreamProtocolError(f"{endpoint} sent a malformed response: {exc.message}") from exc
-            except (aiohttp.ClientError, OSError) as exc:
-                raise UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}") from exc
-        raise AssertionError("unreachable")
+        except PayloadTooLarge as exc:
+            raise ForwardError("refused", exc) from exc
+        except aiohttp.ClientPayloadError as exc:
+            if isinstance(body, LimitedBody) and body.exceeded:
+                raise ForwardError("refused", PayloadTooLarge(str(exc))) from exc
+            raise ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}")) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            error = UpstreamProtocolError(f"{endpoint} closed the connection without answering")
+            raise ForwardError("reset", error) from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            timed_out = UpstreamTimeout(f"timed out connecting to {endpoint}")
+            raise ForwardError("connect_failure", timed_out) from exc
+        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+            refused = UpstreamConnectError(f"cannot connect to {endpoint}: {_reason(exc)}")
+            raise ForwardError("connect_failure", refused) from exc
+        except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
+            raise ForwardError("timeout", UpstreamTimeout(f"timed out waiting for {endpoint}")) from exc
+        except aiohttp.ClientResponseError as exc:
+            error = UpstreamProtocolError(f"{endpoint} sent a malformed response: {exc.message}")
+            raise ForwardError("reset", error) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(body, LimitedBody) and body.exceeded:
+                raise ForwardError("refused", PayloadTooLarge("request body over the limit")) from exc
+            raise ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}")) from exc
+        finally:
+            self.active -= 1
+
+    async def relay(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
+    ) -> web.StreamResponse:
+        """Stream `upstream`'s answer to the client; always releases `upstream`."""
+        try:
+            return await self._relay(request, upstream, request_id)
+        finally:
+            upstream.release()
 
     async def _relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
@@ -275,7 +302,17 @@ class Forwarder:
         return response
 
 
-class _LimitedBody:
+class ForwardError(Exception):
+    """An attempt that failed before a response arrived: how (for retry decisions) and
+    the SidecarError the caller should see if it is not retried."""
+
+    def __init__(self, kind: AttemptFailure, error: SidecarError) -> None:
+        super().__init__(error.message)
+        self.kind = kind
+        self.error = error
+
+
+class LimitedBody:
     """Streams a request body upstream, counting it against the size limit."""
 
     __slots__ = ("_content", "_limit", "exceeded", "sent")
@@ -286,7 +323,10 @@ class _LimitedBody:
         self.sent = 0
         self.exceeded = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
         async for chunk in self._content.iter_any():
             self.sent += len(chunk)
             if self.sent > self._limit:

@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
+from . import tracing
+from .accesslog import AccessLog
+from .deadline import from_headers as deadline_from
 from .errors import AppUnhealthy, SidecarError, error_response
 from .forward import REQUEST_ID, Forwarder
 from .health import HealthChecker
+from .metrics import Metrics
 
 
 class Inbound:
     def __init__(
-        self, name: str, app_host: str, app_port: int, health: HealthChecker, forwarder: Forwarder
+        self,
+        name: str,
+        app_host: str,
+        app_port: int,
+        health: HealthChecker,
+        forwarder: Forwarder,
+        metrics: Metrics,
+        access_log: AccessLog,
+        request_timeout: float,
     ) -> None:
         self.name = name
         host = f"[{app_host}]" if ":" in app_host else app_host
         self.app_endpoint = f"{host}:{app_port}"
         self.health = health
         self.forwarder = forwarder
+        self.metrics = metrics
+        self.access_log = access_log
+        self.request_timeout = request_timeout
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -25,12 +42,33 @@ class Inbound:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.requests += 1
-        try:
-            if not self.health.healthy:
-                raise AppUnhealthy(f"app {self.name!r} is unhealthy: {self.health.state.output}")
-            path = request.raw_path
-            if not path.startswith("/"):  # absolute-form target: keep only path and query
-                path = str(request.rel_url)
-            return await self.forwarder.forward(request, self.app_endpoint, path)
-        except SidecarError as err:
-            return error_response(err, self.name, request.headers.get(REQUEST_ID))
+        started = time.monotonic()
+        trace = tracing.from_headers(request.headers)
+        deadline = deadline_from(request.headers, self.request_timeout, started)
+        with self.metrics.in_flight("inbound", self.name):
+            try:
+                if not self.health.healthy:
+                    raise AppUnhealthy(f"app {self.name!r} is unhealthy: {self.health.state.output}")
+                path = request.raw_path
+                if not path.startswith("/"):  # absolute-form target: keep only path and query
+                    path = str(request.rel_url)
+                extra = [*trace.headers().items(), *deadline.outgoing_headers(started).items()]
+                response = await self.forwarder.forward(
+                    request, self.app_endpoint, path, extra_headers=extra, timeout=deadline.remaining(started)
+                )
+            except SidecarError as err:
+                response = error_response(err, self.name, request.headers.get(REQUEST_ID))
+        duration = time.monotonic() - started
+        self.metrics.observe_request("inbound", self.name, request.method, response.status, duration)
+        self.access_log.log(
+            direction="inbound",
+            method=request.method,
+            target=request.raw_path,
+            status=response.status,
+            duration=duration,
+            service=self.name,
+            instance=self.app_endpoint,
+            request_id=response.headers.get(REQUEST_ID) or request.headers.get(REQUEST_ID),
+            trace_id=trace.trace_id,
+        )
+        return response

@@ -8,15 +8,24 @@ address taken from the request is never dialled.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
+import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from .balancer import RoundRobin
+from . import tracing
+from .accesslog import AccessLog
+from .balancer import Balancer, Outcome
+from .deadline import Deadline
+from .deadline import from_headers as deadline_from
 from .discovery import Discovery
-from .errors import BadRequest, MisdirectedRequest, SidecarError, error_response
-from .forward import REQUEST_ID, Forwarder
+from .errors import BadRequest, MisdirectedRequest, SidecarError, UpstreamTimeout, error_response
+from .forward import REQUEST_ID, Forwarder, ForwardError, request_headers
+from .metrics import Metrics
+from .retry import FailureKind, ReplayBuffer, RetryBudget, backoff_delay, response_failure, retry_eligible
 
 _SERVICE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -81,23 +90,186 @@ def parse_target(raw_target: str, host_header: str | None) -> tuple[str, str]:
     return name, path
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    retries: int = 2  # attempts beyond the first
+    per_try_timeout: float | None = None
+    request_timeout: float = 30.0
+    budget_ratio: float = 0.2
+    budget_min_per_second: float = 3.0
+
+
 class Outbound:
-    def __init__(self, name: str, discovery: Discovery, forwarder: Forwarder) -> None:
+    """app -> a healthy instance of the named service, with retries inside one deadline."""
+
+    def __init__(
+        self,
+        name: str,
+        discovery: Discovery,
+        forwarder: Forwarder,
+        balancer: Balancer,
+        policy: RetryPolicy,
+        metrics: Metrics,
+        access_log: AccessLog,
+    ) -> None:
         self.name = name
         self.discovery = discovery
         self.forwarder = forwarder
-        self.balancer = RoundRobin()
+        self.balancer = balancer
+        self.policy = policy
+        self.metrics = metrics
+        self.access_log = access_log
+        self.budgets: dict[str, RetryBudget] = {}
         self.requests = 0
 
     def __repr__(self) -> str:
-        return f"<Outbound requests={self.requests} active={self.forwarder.active}>"
+        return f"<Outbound requests={self.requests} active={self.forwarder.active} {self.balancer!r}>"
+
+    def budget(self, service: str) -> RetryBudget:
+        budget = self.budgets.get(service)
+        if budget is None:
+            budget = RetryBudget(
+                self.policy.budget_ratio, min_retries_per_second=self.policy.budget_min_per_second
+            )
+            self.budgets[service] = budget
+        return budget
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.requests += 1
-        try:
-            service, path = parse_target(request.raw_path, request.headers.get("Host"))
-            instances = await self.discovery.resolve(service)
-            instance = self.balancer.pick(service, instances)
-            return await self.forwarder.forward(request, instance.endpoint, path, host=service)
-        except SidecarError as err:
-            return error_response(err, self.name, request.headers.get(REQUEST_ID))
+        started = time.monotonic()
+        trace = tracing.from_headers(request.headers)
+        deadline = deadline_from(request.headers, self.policy.request_timeout, started)
+        service = "-"
+        call = _Call()
+        with self.metrics.in_flight("outbound", self.name):
+            try:
+                service, path = parse_target(request.raw_path, request.headers.get("Host"))
+                response = await self._call(request, service, path, deadline, trace, call)
+            except SidecarError as err:
+                response = error_response(err, self.name, request.headers.get(REQUEST_ID))
+        duration = time.monotonic() - started
+        self.metrics.observe_request("outbound", service, request.method, response.status, duration)
+        self.access_log.log(
+            direction="outbound",
+            method=request.method,
+            target=request.raw_path,
+            status=response.status,
+            duration=duration,
+            service=service,
+            instance=call.instance,
+            attempts=call.attempts,
+            request_id=call.request_id or request.headers.get(REQUEST_ID),
+            trace_id=trace.trace_id,
+        )
+        return response
+
+    async def _call(
+        self,
+        request: web.BaseRequest,
+        service: str,
+        path: str,
+        deadline: Deadline,
+        trace: tracing.TraceContext,
+        call: _Call,
+    ) -> web.StreamResponse:
+        instances = await self.discovery.resolve(service)
+        headers, call.request_id = request_headers(request, host=service)
+        headers.update(trace.headers())
+        budget = self.budget(service)
+        budget.record_request()
+        limited = await self.forwarder.body(request)
+        body = ReplayBuffer(aiter(limited)) if limited is not None else None
+        tried: set[str] = set()
+        policy = self.policy
+        while True:
+            call.attempts += 1
+            now = time.monotonic()
+            if deadline.expired(now):
+                raise UpstreamTimeout(f"the deadline for calling {service!r} passed")
+            lease = self.balancer.acquire(service, instances, exclude=tried)
+            tried.add(lease.instance.id)
+            call.instance = lease.instance.id
+            headers.update(deadline.outgoing_headers(now))
+            timeout = deadline.try_timeout(policy.per_try_timeout, now)
+            try:
+                upstream = await self.forwarder.open(
+                    request.method,
+                    lease.instance.endpoint,
+                    path,
+                    headers,
+                    body.body() if body else None,
+                    timeout,
+                )
+            except ForwardError as err:
+                self.balancer.release(lease, _outcome(err))
+                if err.kind != "refused" and self._may_retry(
+                    request, service, budget, deadline, call.attempts, _failure_kind(err), None, body
+                ):
+                    await asyncio.sleep(backoff_delay(call.attempts))
+                    continue
+                raise err.error from err
+            failure = response_failure(upstream.status, upstream.headers)
+            if failure is not None and self._may_retry(
+                request, service, budget, deadline, call.attempts, failure, upstream.status, body
+            ):
+                upstream.release()
+                self.balancer.release(lease, upstream.status)
+                await asyncio.sleep(backoff_delay(call.attempts))
+                continue
+            outcome: Outcome = "cancelled"
+            try:
+                response = await self.forwarder.relay(request, upstream, call.request_id)
+                outcome = upstream.status
+                return response
+            finally:
+                self.balancer.release(lease, outcome)
+
+    def _may_retry(
+        self,
+        request: web.BaseRequest,
+        service: str,
+        budget: RetryBudget,
+        deadline: Deadline,
+        attempts: int,
+        kind: FailureKind,
+        status: int | None,
+        body: ReplayBuffer | None,
+    ) -> bool:
+        if attempts > self.policy.retries or deadline.expired(time.monotonic()):
+            return False
+        replayable = body is None or body.replayable
+        if not retry_eligible(request.method, request.headers, kind, status, replayable):
+            return False
+        if not budget.can_retry():
+            self.metrics.inc_budget_exhausted(service)
+            return False
+        budget.record_retry()
+        self.metrics.inc_retry(service)
+        return True
+
+
+class _Call:
+    """What one outbound call did, for the access log."""
+
+    __slots__ = ("attempts", "instance", "request_id")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.instance: str | None = None
+        self.request_id: str | None = None
+
+
+def _failure_kind(err: ForwardError) -> FailureKind:
+    return (
+        "timeout"
+        if err.kind == "timeout"
+        else "connect_failure"
+        if err.kind == "connect_failure"
+        else "reset"
+    )
+
+
+def _outcome(err: ForwardError) -> Outcome:
+    if err.kind == "refused":
+        return "cancelled"
+    return _failure_kind(err)

@@ -25,13 +25,16 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .accesslog import AccessLog
 from .admin import Admin
+from .balancer import make_balancer
 from .config import Config
 from .discovery import Discovery
 from .forward import Forwarder
 from .health import HealthChecker
 from .inbound import Inbound
-from .outbound import Outbound
+from .metrics import Metrics
+from .outbound import Outbound, RetryPolicy
 from .registration import Registration
 from .registry.base import CheckSpec, Instance, Registry, RegistryError
 from .supervise import AppProcess, AppStartError
@@ -105,17 +108,56 @@ class Sidecar:
         self.started_at = time.time()
         self.registry = make_registry(config)
         self.health = HealthChecker(config.app)
-        app_cfg = config.app
+        app_cfg, traffic = config.app, config.traffic
         self.inbound_forwarder = Forwarder(
-            request_timeout=app_cfg.request_timeout, max_body=app_cfg.max_request_body
+            connect_timeout=traffic.connect_timeout,
+            request_timeout=app_cfg.request_timeout,
+            max_body=app_cfg.max_request_body,
         )
         self.outbound_forwarder = Forwarder(
-            request_timeout=app_cfg.request_timeout, max_body=app_cfg.max_request_body
+            connect_timeout=traffic.connect_timeout,
+            request_timeout=app_cfg.request_timeout,
+            max_body=app_cfg.max_request_body,
         )
         self.discovery = Discovery(self.registry)
+        self.metrics_registry = Metrics()
+        self.metrics_registry.on_scrape(self._refresh_metrics)
+        self.access_log = AccessLog(traffic.access_log)
+        self.balancer = make_balancer(
+            traffic.balancer,
+            failures=traffic.outlier_failures,
+            base_ejection=traffic.outlier_ejection_time,
+            max_ejection_percent=traffic.max_ejection_percent,
+            max_outstanding=traffic.max_outstanding,
+            on_eject=self._on_eject,
+        )
         name = config.service.name
-        self.inbound = Inbound(name, config.app.host, config.app.port, self.health, self.inbound_forwarder)
-        self.outbound = Outbound(name, self.discovery, self.outbound_forwarder)
+        self.inbound = Inbound(
+            name,
+            app_cfg.host,
+            app_cfg.port,
+            self.health,
+            self.inbound_forwarder,
+            self.metrics_registry,
+            self.access_log,
+            app_cfg.request_timeout,
+        )
+        policy = RetryPolicy(
+            retries=traffic.retries,
+            per_try_timeout=traffic.per_try_timeout,
+            request_timeout=app_cfg.request_timeout,
+            budget_ratio=traffic.retry_budget,
+            budget_min_per_second=traffic.retry_min_per_second,
+        )
+        self.outbound = Outbound(
+            name,
+            self.discovery,
+            self.outbound_forwarder,
+            self.balancer,
+            policy,
+            self.metrics_registry,
+            self.access_log,
+        )
         self.admin = Admin(
             ready=self.ready, status=self.status, metrics=self.metrics, shutdown=self.request_stop
         )
@@ -174,7 +216,7 @@ class Sidecar:
                 "probes": self.health.probes,
                 "pid": self.app.pid if self.app else None,
             },
-            "upstreams": self.discovery.describe(),
+            "upstreams": self._upstreams(),
             "requests": {
                 "inbound": self.inbound.requests,
                 "outbound": self.outbound.requests,
@@ -183,24 +225,32 @@ class Sidecar:
             },
         }
 
-    def metrics(self) -> str:
-        lines = [
-            "# HELP sidecar_up 1 while the sidecar runs.",
-            "# TYPE sidecar_up gauge",
-            "sidecar_up 1",
-            "# HELP sidecar_app_healthy 1 when the app passes its health checks.",
-            "# TYPE sidecar_app_healthy gauge",
-            f"sidecar_app_healthy {int(self.health.healthy)}",
-            "# HELP sidecar_requests_total Requests received, by direction.",
-            "# TYPE sidecar_requests_total counter",
-            f'sidecar_requests_total{{direction="inbound"}} {self.inbound.requests}',
-            f'sidecar_requests_total{{direction="outbound"}} {self.outbound.requests}',
-            "# HELP sidecar_active_requests Requests in flight, by direction.",
-            "# TYPE sidecar_active_requests gauge",
-            f'sidecar_active_requests{{direction="inbound"}} {self.inbound_forwarder.active}',
-            f'sidecar_active_requests{{direction="outbound"}} {self.outbound_forwarder.active}',
-        ]
-        return "\n".join(lines) + "\n"
+    def metrics(self) -> tuple[bytes, str]:
+        return self.metrics_registry.render()
+
+    def _refresh_metrics(self) -> None:
+        m = self.metrics_registry
+        m.set_app_healthy(self.health.healthy)
+        registration = self.registration
+        m.set_registry(
+            registration is not None and registration.last_error is None and registration.registered,
+            registration.last_success if registration else None,
+        )
+        for name, watch in self.discovery.watches.items():
+            total, ejected = self.balancer.counts(name)
+            m.set_endpoints(name, len(watch.instances), ejected if total else 0)
+
+    def _on_eject(self, service: str, instance: Instance, seconds: float) -> None:
+        self.metrics_registry.inc_ejection(service)
+        log.warning("ejected %s of %r for %.0fs after repeated failures", instance.endpoint, service, seconds)
+
+    def _upstreams(self) -> dict[str, Any]:
+        upstreams = self.discovery.describe()
+        for name, entry in upstreams.items():
+            if isinstance(entry, dict):
+                entry["endpoints"] = self.balancer.describe(name)
+                entry["outstanding"] = self.balancer.outstanding(name)
+        return upstreams
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
