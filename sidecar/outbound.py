@@ -22,7 +22,14 @@ from .balancer import Balancer, Outcome
 from .deadline import Deadline
 from .deadline import from_headers as deadline_from
 from .discovery import Discovery
-from .errors import BadRequest, MisdirectedRequest, SidecarError, UpstreamTimeout, error_response
+from .errors import (
+    BadRequest,
+    MisdirectedRequest,
+    SidecarError,
+    UnknownService,
+    UpstreamTimeout,
+    error_response,
+)
 from .forward import REQUEST_ID, Forwarder, ForwardError, request_headers
 from .metrics import Metrics
 from .retry import FailureKind, ReplayBuffer, RetryBudget, backoff_delay, response_failure, retry_eligible
@@ -30,8 +37,13 @@ from .retry import FailureKind, ReplayBuffer, RetryBudget, backoff_delay, respon
 _SERVICE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+# Names that are never a mesh service: Consul registers its own servers as "consul",
+# and calling the registry through the mesh would hand apps its API.
+RESERVED_NAMES = frozenset({"localhost", "consul"})
+
+
 def _is_service_name(host: str) -> bool:
-    if not host or host == "localhost" or not _SERVICE_RE.match(host):
+    if not host or host in RESERVED_NAMES or not _SERVICE_RE.match(host):
         return False
     try:
         ipaddress.ip_address(host)
@@ -141,11 +153,13 @@ class Outbound:
         deadline = deadline_from(request.headers, self.policy.request_timeout, started)
         service = "-"
         call = _Call()
-        with self.metrics.in_flight("outbound", self.name):
+        with self.metrics.in_flight("outbound", "all"):
             try:
                 service, path = parse_target(request.raw_path, request.headers.get("Host"))
                 response = await self._call(request, service, path, deadline, trace, call)
             except SidecarError as err:
+                if isinstance(err, (UnknownService, BadRequest, MisdirectedRequest)):
+                    service = "-"  # a name nobody registered never becomes a metric label
                 response = error_response(err, self.name, request.headers.get(REQUEST_ID))
         duration = time.monotonic() - started
         self.metrics.observe_request("outbound", service, request.method, response.status, duration)
