@@ -17,11 +17,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.helpers import Proc, free_port, wait_for
+
+# -- the crafted-bytes app as a process ---------------------------------------------------
+
+
+class RawApp(Proc):
+    def __init__(self, record: Path, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.record = record
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "tests.apps.raw_app",
+                "--port",
+                str(self.port),
+                "--record",
+                str(record),
+                *args,
+            ]
+        )
+
+    def wait_up(self) -> RawApp:
+        wait_for(lambda: "listening" in self.output(), what=f"raw app on {self.port}")
+        return self
+
+    def seen(self) -> list[dict]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+
 
 # -- raw HTTP/1.1 client ---------------------------------------------------------------
 
@@ -261,13 +296,16 @@ class FaultProxy:
         mode: str = "pass",
         latency: float = 0.0,
         after_bytes: int = 0,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
     ) -> None:
         self.target = (target_host, target_port)
+        self.listen = listen
         self.mode = mode
         self.latency = latency
         self.after_bytes = after_bytes
         self.port = 0
         self.accepted = 0
+        self.sent_upstream = bytearray()  # every byte clients sent through the proxy, for inspection
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="faultproxy", daemon=True)
         self._server: asyncio.base_events.Server | None = None
@@ -292,7 +330,7 @@ class FaultProxy:
         return self
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, *self.listen)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
@@ -339,7 +377,7 @@ class FaultProxy:
             self._writers.add(upstream_writer)
             budget = [self.after_bytes if mode == "close_after" else -1]
             await asyncio.gather(
-                self._pipe(reader, upstream_writer, None),
+                self._pipe(reader, upstream_writer, None, self.sent_upstream),
                 self._pipe(up_reader, writer, budget),
             )
         except (OSError, asyncio.IncompleteReadError):
@@ -352,10 +390,16 @@ class FaultProxy:
                         w.close()
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, budget: list[int] | None
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        budget: list[int] | None,
+        record: bytearray | None = None,
     ) -> None:
         try:
             while data := await reader.read(65536):
+                if record is not None and len(record) < 16 * 1024 * 1024:
+                    record.extend(data)
                 if self.latency:
                     await asyncio.sleep(self.latency)
                 if self.mode == "blackhole":

@@ -10,49 +10,20 @@ case can assert that nothing reached it. Run alone with:  pytest -m corpus
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from tests.faultproxy import Exchange, RawConn, exchange
-from tests.helpers import Proc, Sidecar, free_port, wait_for
+from tests.faultproxy import Exchange, RawApp, RawConn, exchange
+from tests.helpers import Proc, Sidecar
 
 pytestmark = pytest.mark.corpus
 
 SERVICE = "corpus"
 BODY_LIMIT = 1024 * 1024  # MICRO_SIDECAR_MAX_REQUEST_BODY for the corpus sidecar
 LISTENERS = ("inbound", "outbound")
-
-
-class RawApp(Proc):
-    def __init__(self, record: Path, *args: str, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.record = record
-        super().__init__(
-            [
-                sys.executable,
-                "-m",
-                "tests.apps.raw_app",
-                "--port",
-                str(self.port),
-                "--record",
-                str(record),
-                *args,
-            ]
-        )
-
-    def wait_up(self) -> RawApp:
-        wait_for(lambda: "listening" in self.output(), what=f"raw app on {self.port}")
-        return self
-
-    def seen(self) -> list[dict]:
-        if not self.record.exists():
-            return []
-        return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -489,3 +460,9 @@ def test_websocket_not_switched_unless_the_app_answers_101(stack, listener):
     # still HTTP on this connection: the next request gets an ordinary answer
     if not ex.closed or len(ex.responses) > 1:
         assert len(ex.responses) == 2 and ex.responses[1].status == 200, ex.describe()
+
+
+def test_no_traceback_in_the_sidecar_output(stack):
+    """Runs last: whatever the corpus sent, the sidecar answered without logging a traceback."""
+    out = stack.sidecar.output()
+    assert "Traceback" not in out, out[out.index("Traceback") - 300 :][:1500]

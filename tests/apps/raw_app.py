@@ -152,13 +152,15 @@ class App:
             "headers": headers,
             "body_len": body_len,
         }
-        return await answer(writer, 200, info)
+        # like Node's http server, say how long an idle connection stays open
+        keep_alive = f"Keep-Alive: timeout={self.idle_timeout:g}\r\n" if self.idle_timeout else ""
+        return await answer(writer, 200, info, keep_alive)
 
 
-async def answer(writer: asyncio.StreamWriter, status: int, data: object) -> bool:
+async def answer(writer: asyncio.StreamWriter, status: int, data: object, extra: str = "") -> bool:
     body = json.dumps(data).encode() + b"\n"
     writer.write(
-        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n".encode()
+        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}".encode()
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
