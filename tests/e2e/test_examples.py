@@ -146,6 +146,10 @@ def mesh(procs, registry_path, registry) -> Iterator[Mesh]:
     finally:
         for sidecar in reversed(sidecars):
             sidecar.stop()
+        # pytest shows this only when the test failed: what each sidecar and its app said
+        for sidecar in sidecars:
+            lines = sidecar.output().splitlines()
+            print(f"--- sidecar pid {sidecar.pid} (last 40 of {len(lines)} lines):", *lines[-40:], sep="\n")
         for pid in app_pids:
             _kill_leftover_app(pid)
 
