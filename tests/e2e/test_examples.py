@@ -111,6 +111,8 @@ def _kill_leftover_app(pid: int) -> None:
 
 @pytest.fixture
 def mesh(procs, registry_path, registry) -> Iterator[Mesh]:
+    if _missing:  # and MICRO_SIDECAR_REQUIRE_E2E is set, or the module would have been skipped
+        pytest.fail(f"MICRO_SIDECAR_REQUIRE_E2E is set but {', '.join(_missing)} missing", pytrace=False)
     commands = {
         "greeter": ["node", str(NODE_SERVER)],
         "fortune": [str(RUBY_RUN)],
