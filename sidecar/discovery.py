@@ -135,7 +135,9 @@ class Discovery:
                     "" if result.known else " (unknown name)",
                 )
             watch.instances = result.instances
-            watch.known = result.known
+            # A name that had instances stays known while we watch it: when its last
+            # instance goes away (a restart, a crash) callers see 503, not 404.
+            watch.known = result.known or watch.known
             watch.updated_at = time.monotonic()
             watch.updated_wall = time.time()
             watch.ready.set()

@@ -94,6 +94,20 @@ class HealthChecker:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return False, f"probe of {where} failed: {reason}"
 
+    async def mark_down(self, output: str) -> None:
+        """The app is known to be gone (it exited): unhealthy now, without waiting to probe."""
+        before = self.state
+        self.state = replace(before, healthy=False, passes=0, output=output, changed_at=time.monotonic())
+        if before.healthy:
+            log.warning("app is unhealthy: %s", output)
+            await self._notify()
+
+    async def _notify(self) -> None:
+        for listener in self._listeners:
+            result = listener(self.state)
+            if result is not None:
+                await result
+
     async def check_once(self) -> HealthState:
         passed, output = await self.probe()
         self.probes += 1
@@ -111,10 +125,7 @@ class HealthChecker:
                 log.info("app is healthy: %s", output)
             else:
                 log.warning("app is unhealthy: %s", output)
-            for listener in self._listeners:
-                result = listener(self.state)
-                if result is not None:
-                    await result
+            await self._notify()
         return self.state
 
     async def run(self) -> None:

@@ -348,6 +348,8 @@ class Sidecar:
                 if part == "app":
                     code = task.result()
                     log.info("app exited with code %d", code)
+                    parts["health checker"].cancel()
+                    await self.health.mark_down(f"app exited with code {code}")
                     exit_code = code if code >= 0 else 128 - code
                     self.request_stop("app exited")
                 else:
@@ -367,7 +369,10 @@ class Sidecar:
         log.info("stopping (%s)", self.stop_reason)
         assert self.registration is not None
         await self.registration.announce_stop()
-        if lifecycle.drain_delay > 0 and "app" not in [p for p, t in parts.items() if t.done()]:
+        # Even when the app is already gone, keep the listeners for the drain delay: peers
+        # that have not seen the news yet get a fast 503 from us instead of a refused
+        # connection.
+        if lifecycle.drain_delay > 0:
             await asyncio.sleep(lifecycle.drain_delay)
         await self.listeners["inbound"].stop()
         app_code: int | None = None
