@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, help="py-spy the one-hop sidecar at 16 conns; raw stacks here")
     p.add_argument("--profile-seconds", type=float, default=10.0)
     p.add_argument("--profile-only", action="store_true", help="skip the matrix, only --profile")
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="let the proxies log each request (sidecar: JSON on stdout, nginx: a file); default: off",
+    )
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (path printed)")
     args = p.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -116,6 +121,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def wrk_timeout(duration: float) -> float:
+    """wrk leaves latencies above its timeout out of the percentiles and counts them as timeouts;
+    5 s, but short enough that a connection never served within the run is still counted."""
+    return max(1.0, min(5.0, duration * 0.6))
+
+
 def measure(
     harness: Harness, stack: Stack, target: Target, kind: str, conns: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -131,6 +142,7 @@ def measure(
         args.duration,
         args.load_core,
         upload_bytes=BIG if kind == "upload" else 0,
+        timeout_s=wrk_timeout(args.duration),
     )
     wall = time.monotonic() - t0
     busy = machine_busy_seconds() - busy0
@@ -297,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness(workdir)
     result: dict[str, Any] = {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()}}
     try:
-        stack = start_stack(harness, args.targets, args.proxy_core, args.app_core)
+        stack = start_stack(harness, args.targets, args.proxy_core, args.app_core, args.access_log)
         if not args.profile_only:
             result.update(run_matrix(harness, stack, args))
             med, rss = result["medians"], result["rss"]

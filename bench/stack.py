@@ -33,7 +33,7 @@ error_log {dir}/error.log warn;
 worker_rlimit_nofile 20000;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  {access_log}
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fastcgi;
@@ -100,17 +100,20 @@ _PROXY_SERVER = """\
 """
 
 
-def _nginx_conf(directory: Path, server: str) -> Path:
+def _nginx_conf(directory: Path, server: str, access_log: bool) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     # As root, nginx's worker would switch to `nobody`, which cannot read our 0700 temp dir.
     user = "user root;" if os.geteuid() == 0 else ""
     conf = directory / "nginx.conf"
-    conf.write_text(_COMMON.format(user=user, dir=directory, server=server))
+    log = f"access_log {directory}/access.log;" if access_log else "access_log off;"
+    conf.write_text(_COMMON.format(user=user, dir=directory, server=server, access_log=log))
     return conf
 
 
-def _start_nginx(harness: Harness, name: str, directory: Path, server: str, core: int) -> Proc:
-    conf = _nginx_conf(directory, server)
+def _start_nginx(
+    harness: Harness, name: str, directory: Path, server: str, core: int, access_log: bool = False
+) -> Proc:
+    conf = _nginx_conf(directory, server, access_log)
     argv = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "error.log")]
     # SIGQUIT would wait for keep-alive clients; SIGTERM is nginx's fast shutdown.
     return harness.start(name, argv, core=core, stop_signal=signal.SIGTERM)
@@ -140,7 +143,10 @@ class Stack:
     sidecars: dict[str, Proc]
 
 
-def start_stack(harness: Harness, names: list[str], proxy_core: int, app_core: int) -> Stack:
+def start_stack(
+    harness: Harness, names: list[str], proxy_core: int, app_core: int, access_log: bool = False
+) -> Stack:
+    """Start the app and the targets in `names`; the proxies log each request only with `access_log`."""
     work = harness.workdir
     app_dir = work / "app"
     (app_dir / "www").mkdir(parents=True)
@@ -163,7 +169,9 @@ def start_stack(harness: Harness, names: list[str], proxy_core: int, app_core: i
     if "sidecar" in names or "mesh" in names:
         registry = work / "registry.sqlite3"
         b_ports = _sidecar_ports()
-        b = _start_sidecar(harness, "sidecar-b", UPSTREAM_NAME, app_port, b_ports, registry, proxy_core)
+        b = _start_sidecar(
+            harness, "sidecar-b", UPSTREAM_NAME, app_port, b_ports, registry, proxy_core, access_log
+        )
         sidecars["b"] = b
         wait_http(f"http://127.0.0.1:{b_ports[2]}/ready", b)
         wait_http(f"http://127.0.0.1:{b_ports[0]}/small", b, want=SMALL_BODY)
@@ -171,7 +179,9 @@ def start_stack(harness: Harness, names: list[str], proxy_core: int, app_core: i
             targets["sidecar"] = Target("sidecar", f"http://127.0.0.1:{b_ports[0]}", b_ports[0], "", [b])
         if "mesh" in names:
             a_ports = _sidecar_ports()
-            a = _start_sidecar(harness, "sidecar-a", CLIENT_NAME, app_port, a_ports, registry, proxy_core)
+            a = _start_sidecar(
+                harness, "sidecar-a", CLIENT_NAME, app_port, a_ports, registry, proxy_core, access_log
+            )
             sidecars["a"] = a
             wait_http(f"http://127.0.0.1:{a_ports[2]}/ready", a)
             base = f"http://127.0.0.1:{a_ports[1]}/{UPSTREAM_NAME}"
@@ -186,6 +196,7 @@ def start_stack(harness: Harness, names: list[str], proxy_core: int, app_core: i
             work / "proxy",
             _PROXY_SERVER.format(port=port, app_port=app_port),
             proxy_core,
+            access_log,
         )
         wait_http(f"http://127.0.0.1:{port}/small", proxy, want=SMALL_BODY)
         targets["nginx"] = Target("nginx", f"http://127.0.0.1:{port}", port, "", [proxy])
@@ -205,6 +216,7 @@ def _start_sidecar(
     ports: tuple[int, int, int],
     registry: Path,
     core: int,
+    access_log: bool,
 ) -> Proc:
     inbound, outbound, admin = ports
     argv = [
@@ -231,5 +243,7 @@ def _start_sidecar(
         "warning",
         "--drain-delay",
         "0",
+        "--access-log",
+        "json" if access_log else "off",
     ]
     return harness.start(label, argv, core=core, second_signal=True)
