@@ -275,19 +275,19 @@ def run_wrk(
     harness: Harness,
     url: str,
     conns: int,
-    duration: float,
+    duration: int,
     core: int,
     *,
     upload_bytes: int = 0,
-    timeout_s: float = 2.0,
+    timeout_s: int = 2,
 ) -> dict[str, Any]:
     """One bounded wrk run, one thread on `core`; its JSON summary plus its own CPU seconds."""
     argv = [
         "wrk",
         "-t1",
         f"-c{conns}",
-        f"-d{duration:g}s",
-        f"--timeout={timeout_s:g}s",
+        f"-d{duration}s",
+        f"--timeout={timeout_s}s",
         "-s",
         str(WRK_SCRIPT),
         url,

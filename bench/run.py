@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s per cell, 1 repeat")
     p.add_argument("--repeat", type=int, help="full runs to take medians over (default 3; 1 with --quick)")
-    p.add_argument("--duration", type=float, help="seconds per cell (default 8; 2 with --quick)")
+    p.add_argument("--duration", type=int, help="whole seconds per cell (default 8; 2 with --quick)")
     p.add_argument("--json", type=Path, help="also write every run and the medians here")
     p.add_argument("--conns", default="1,16,64,1000", help="connection counts for the small response")
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (path printed)")
     args = p.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
-    args.duration = args.duration or (2.0 if args.quick else 8.0)
+    args.duration = args.duration or (2 if args.quick else 8)
     args.conns = [int(c) for c in args.conns.split(",") if c]
     args.targets = [t for t in args.targets.split(",") if t]
     unknown = set(args.targets) - set(ALL_TARGETS)
@@ -121,10 +121,10 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def wrk_timeout(duration: float) -> float:
+def wrk_timeout(duration: int) -> int:
     """wrk leaves latencies above its timeout out of the percentiles and counts them as timeouts;
     5 s, but short enough that a connection never served within the run is still counted."""
-    return max(1.0, min(5.0, duration * 0.6))
+    return max(1, min(5, round(duration * 0.6)))  # wrk takes whole seconds
 
 
 def measure(
@@ -197,8 +197,8 @@ def run_matrix(harness: Harness, stack: Stack, args: argparse.Namespace) -> dict
 
     print(f"warming up ({len(targets)} targets) ...", flush=True)
     for t in targets:
-        run_wrk(harness, t.url(PATHS["small"]), 16, 1.0, args.load_core)
-        run_wrk(harness, t.url(PATHS["download"]), 1, 1.0, args.load_core)
+        run_wrk(harness, t.url(PATHS["small"]), 16, 1, args.load_core)
+        run_wrk(harness, t.url(PATHS["download"]), 1, 1, args.load_core)
 
     cells = [("small", c) for c in args.conns] + [("download", 1), ("upload", 1)]
     for rep in range(args.repeat):
