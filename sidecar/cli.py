@@ -215,6 +215,55 @@ CONSUL_FLAGS = (
     show_default=True,
     help="Access log on stdout: json, text or off.",
 )
+@click.option(
+    "--header-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds for a client to send a request head (408 after).",
+)
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=75.0,
+    show_default=True,
+    help="Seconds an idle client keep-alive connection stays open.",
+)
+@click.option(
+    "--body-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds without request-body bytes before the request is cut off.",
+)
+@click.option(
+    "--write-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds a client may stop reading a response before it is dropped.",
+)
+@click.option(
+    "--max-connections",
+    type=int,
+    default=10_000,
+    show_default=True,
+    help="Client connections per listener (503 and close beyond).",
+)
+@click.option(
+    "--upstream-max-connections",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Pooled connections per upstream endpoint.",
+)
+@click.option(
+    "--upstream-max-pending",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Requests waiting for a pooled connection per endpoint (fast 503 beyond).",
+)
 @click.option("--log-level", default="info", show_default=True, help="debug, info, warning or error.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def cli(**opts: Any) -> None:
@@ -259,6 +308,13 @@ def cli(**opts: Any) -> None:
             max_ejection_percent=opts["max_ejection_percent"],
             max_outstanding=opts["max_outstanding"],
             access_log=opts["access_log"],
+            header_timeout=opts["header_timeout"],
+            idle_timeout=opts["idle_timeout"],
+            body_timeout=opts["body_timeout"],
+            write_timeout=opts["write_timeout"],
+            max_connections=opts["max_connections"],
+            upstream_max_connections=opts["upstream_max_connections"],
+            upstream_max_pending=opts["upstream_max_pending"],
             log_level=opts["log_level"],
             command=opts["command"],
         )
@@ -268,9 +324,25 @@ def cli(**opts: Any) -> None:
             ConsulSettings.from_sources(consul_flags, os.environ)  # validate now, fail at startup
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    problem = _c_parser_problem()
+    if problem:
+        click.echo(f"micro-sidecar: error: {problem}", err=True)
+        sys.exit(2)
     from .runtime import run
 
     sys.exit(run(config))
+
+
+def _c_parser_problem() -> str | None:
+    """The sidecar relies on llhttp, aiohttp's C parser, for strict HTTP/1.1 parsing; the
+    pure-Python fallback is not what the hardening corpus was proven against."""
+    from aiohttp import http_parser
+
+    if http_parser.HttpRequestParser.__module__.endswith("_http_parser"):
+        return None
+    if os.environ.get("AIOHTTP_NO_EXTENSIONS"):
+        return "AIOHTTP_NO_EXTENSIONS is set: refusing to run without aiohttp's C HTTP parser (unset it)"
+    return "aiohttp's C HTTP parser is not available: reinstall aiohttp from a binary wheel"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,6 +83,19 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """What one client or one upstream may cost the sidecar, per listener."""
+
+    header_timeout: float
+    idle_timeout: float
+    body_timeout: float
+    write_timeout: float
+    max_connections: int
+    upstream_max_connections: int
+    upstream_max_pending: int
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficConfig:
     """Outbound traffic management and what the sidecar records about requests."""
 
@@ -113,6 +126,7 @@ class Config:
     registry: RegistryConfig
     lifecycle: LifecycleConfig
     traffic: TrafficConfig
+    limits: LimitsConfig
     log_level: LogLevel
     command: tuple[str, ...] = ()
 
@@ -253,6 +267,13 @@ def build_config(
     max_ejection_percent: float = 50.0,
     max_outstanding: int = 0,
     access_log: str = "json",
+    header_timeout: float = 10.0,
+    idle_timeout: float = 75.0,
+    body_timeout: float = 30.0,
+    write_timeout: float = 30.0,
+    max_connections: int = 10_000,
+    upstream_max_connections: int = 256,
+    upstream_max_pending: int = 1024,
     log_level: str = "info",
     command: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
@@ -300,6 +321,21 @@ def build_config(
         raise ConfigError("--max-outstanding", "must be >= 0 (0: no limit)")
     if access_log not in ACCESS_LOG_FORMATS:
         raise ConfigError("--access-log", f"{access_log!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
+    for flag, value in (
+        ("--header-timeout", header_timeout),
+        ("--idle-timeout", idle_timeout),
+        ("--body-timeout", body_timeout),
+        ("--write-timeout", write_timeout),
+    ):
+        _positive(flag, value)
+    for flag, count in (
+        ("--max-connections", max_connections),
+        ("--upstream-max-connections", upstream_max_connections),
+    ):
+        if count < 1:
+            raise ConfigError(flag, "must be at least 1")
+    if upstream_max_pending < 0:
+        raise ConfigError("--upstream-max-pending", "must be >= 0")
     if log_level.lower() not in LOG_LEVELS:
         raise ConfigError("--log-level", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 
@@ -373,6 +409,15 @@ def build_config(
             max_ejection_percent=float(max_ejection_percent),
             max_outstanding=max_outstanding or None,
             access_log=access_log,
+        ),
+        limits=LimitsConfig(
+            header_timeout=float(header_timeout),
+            idle_timeout=float(idle_timeout),
+            body_timeout=float(body_timeout),
+            write_timeout=float(write_timeout),
+            max_connections=max_connections,
+            upstream_max_connections=upstream_max_connections,
+            upstream_max_pending=upstream_max_pending,
         ),
         log_level=log_level.lower(),  # type: ignore[arg-type]
         command=tuple(command),

@@ -73,6 +73,41 @@ class MisdirectedRequest(SidecarError):
     code = "no_service_named"
 
 
+class HeadersTooLarge(SidecarError):
+    status = 431
+    code = "request_headers_too_large"
+    close_connection = True
+
+
+class MethodNotAllowed(SidecarError):
+    status = 405
+    code = "method_not_allowed"
+    close_connection = True
+
+
+class NotImplementedTransferCoding(SidecarError):
+    status = 501
+    code = "transfer_coding_not_implemented"
+    close_connection = True
+
+
+class VersionNotSupported(SidecarError):
+    status = 505
+    code = "http_version_not_supported"
+    close_connection = True
+
+
+class RequestTimeout(SidecarError):
+    status = 408
+    code = "request_timeout"
+    close_connection = True
+
+
+class UpstreamPoolFull(SidecarError):
+    status = 503
+    code = "upstream_pool_full"
+
+
 class PayloadTooLarge(SidecarError):
     status = 413
     code = "request_body_too_large"

@@ -29,8 +29,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .errors import (
     ExpectationFailed,
     PayloadTooLarge,
+    RequestTimeout,
     SidecarError,
     UpstreamConnectError,
+    UpstreamPoolFull,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -80,6 +82,13 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     return out
 
 
+def _unverifiable_forwarding(name: str) -> bool:
+    lowered = name.lower()
+    if lowered in ("forwarded", "x-real-ip"):
+        return True
+    return lowered.startswith("x-forwarded-") and lowered != "x-forwarded-for"
+
+
 def request_headers(request: web.BaseRequest, host: str | None) -> tuple[CIMultiDict[str], str]:
     """Headers to send upstream, and the request id they carry."""
     headers = strip_hop_by_hop(request.headers)
@@ -87,7 +96,8 @@ def request_headers(request: web.BaseRequest, host: str | None) -> tuple[CIMulti
     for key in [k for k in headers if k.lower().startswith(INTERNAL_PREFIX)]:
         headers.popall(key)
     # Rack and Puma read '_' and '-' alike: a header with '_' could spoof a trusted one.
-    for key in [k for k in headers if "_" in k]:
+    # Forwarding facts other than the ones we set below cannot be verified: drop them.
+    for key in [k for k in headers if "_" in k or _unverifiable_forwarding(k)]:
         headers.popall(key)
     peer = request.remote or ""
     prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
@@ -121,14 +131,22 @@ class Forwarder:
         connect_timeout: float = 5.0,
         request_timeout: float = 30.0,
         keepalive_timeout: float = 4.0,
-        limit: int = 1024,
         max_body: int = 1024**3,
+        body_timeout: float = 30.0,
+        write_timeout: float = 30.0,
+        max_connections: int = 256,
+        max_pending: int = 1024,
     ) -> None:
         self._max_body = max_body
+        self._body_timeout = body_timeout
+        self._write_timeout = write_timeout
+        self._max_connections = max_connections
+        self._max_in_flight = max_connections + max_pending
+        # requests per endpoint from open() until their response is relayed or dropped
+        self._in_flight: dict[str, int] = {}
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._keepalive_timeout = keepalive_timeout
-        self._limit = limit
         self._session: aiohttp.ClientSession | None = None
         self.active = 0
 
@@ -139,7 +157,8 @@ class Forwarder:
         # keepalive shorter than Node's default 5 s, so that we close an idle connection
         # before the app does and never race it with a request.
         connector = aiohttp.TCPConnector(
-            limit=self._limit,
+            limit=0,
+            limit_per_host=self._max_connections,
             keepalive_timeout=self._keepalive_timeout,
             use_dns_cache=False,
             enable_cleanup_closed=False,
@@ -175,18 +194,14 @@ class Forwarder:
         for key, value in extra_headers:
             headers[key] = value
         body = await self.body(request)
-        # A pooled connection that the peer closed while idle fails before any byte of the
-        # answer; without a body to replay, one fresh attempt is safe.
-        attempts = 2 if body is None else 1
-        for attempt in range(attempts):
-            try:
-                upstream = await self.open(request.method, endpoint, path, headers, body, timeout)
-            except ForwardError as err:
-                if err.kind == "reset" and attempt + 1 < attempts:
-                    continue
-                raise err.error from err
-            return await self.relay(request, upstream, request_id)
-        raise AssertionError("unreachable")
+        # No retry here: the caller's sidecar decides retries with the whole picture
+        # (idempotency, budget, other instances), so a request reaches the app at most once
+        # per attempt.
+        try:
+            upstream = await self.open(request.method, endpoint, path, headers, body, timeout)
+        except ForwardError as err:
+            raise err.error from err
+        return await self.relay(request, upstream, request_id, body)
 
     async def body(self, request: web.BaseRequest) -> LimitedBody | None:
         """The request body as a byte stream with the size limit applied, or None.
@@ -204,7 +219,7 @@ class Forwarder:
             return None
         if expect is not None and request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return LimitedBody(request.content, self._max_body)
+        return LimitedBody(request.content, self._max_body, self._body_timeout)
 
     async def open(
         self,
@@ -222,10 +237,17 @@ class Forwarder:
         """
         assert self._session is not None, "Forwarder.start() was not awaited"
         url = f"http://{endpoint}{path}"
+        in_flight = self._in_flight.get(endpoint, 0)
+        if in_flight >= self._max_in_flight:
+            raise ForwardError(
+                "refused", UpstreamPoolFull(f"{in_flight} requests already waiting for {endpoint}")
+            )
+        self._in_flight[endpoint] = in_flight + 1
         self.active += 1
+        opened = False
         try:
             async with asyncio.timeout(timeout):
-                return await self._session.request(
+                response = await self._session.request(
                     method,
                     url,
                     headers=headers,
@@ -238,11 +260,15 @@ class Forwarder:
                     expect100=False,
                     proxy=None,
                 )
-        except PayloadTooLarge as exc:
+            opened = True
+            return response
+        except (PayloadTooLarge, RequestTimeout) as exc:
             raise ForwardError("refused", exc) from exc
         except aiohttp.ClientPayloadError as exc:
             if isinstance(body, LimitedBody) and body.exceeded:
                 raise ForwardError("refused", PayloadTooLarge(str(exc))) from exc
+            if isinstance(body, LimitedBody) and body.timed_out:
+                raise ForwardError("refused", RequestTimeout("the request body stalled")) from exc
             raise ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}")) from exc
         except aiohttp.ServerDisconnectedError as exc:
             error = UpstreamProtocolError(f"{endpoint} closed the connection without answering")
@@ -261,22 +287,53 @@ class Forwarder:
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(body, LimitedBody) and body.exceeded:
                 raise ForwardError("refused", PayloadTooLarge("request body over the limit")) from exc
+            if isinstance(body, LimitedBody) and body.timed_out:
+                raise ForwardError("refused", RequestTimeout("the request body stalled")) from exc
             raise ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}")) from exc
         finally:
             self.active -= 1
+            if not opened:
+                self._done(endpoint)
+
+    def _done(self, endpoint: str) -> None:
+        left = self._in_flight.get(endpoint, 1) - 1
+        if left > 0:
+            self._in_flight[endpoint] = left
+        else:
+            self._in_flight.pop(endpoint, None)
 
     async def relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        request_id: str,
+        body: LimitedBody | None = None,
     ) -> web.StreamResponse:
-        """Stream `upstream`'s answer to the client; always releases `upstream`."""
+        """Stream `upstream`'s answer to the client; always releases `upstream`.
+
+        When the request body broke a limit while streaming, the upstream's answer (often
+        an error about the cut-off body) is dropped and the limit is reported instead.
+        """
         try:
+            if body is not None and body.exceeded:
+                raise PayloadTooLarge(f"request body over the {self._max_body}-byte limit")
+            if body is not None and body.timed_out:
+                raise RequestTimeout(f"no request body bytes for {self._body_timeout:g}s")
             return await self._relay(request, upstream, request_id)
         finally:
-            upstream.release()
+            if _short_keepalive(upstream.headers, self._keepalive_timeout):
+                upstream.close()  # the app would close it before our pool reuses it
+            else:
+                upstream.release()
+            self._done(_endpoint_of(upstream))
 
     async def _relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
     ) -> web.StreamResponse:
+        codings = upstream.headers.getall("Transfer-Encoding", ())
+        if codings and [t.strip().lower() for v in codings for t in v.split(",")] != ["chunked"]:
+            # We cannot know where such a body ends (RFC 9112 section 6.3): refuse it.
+            raise UpstreamProtocolError(f"the app answered with Transfer-Encoding {', '.join(codings)!r}")
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
@@ -290,7 +347,8 @@ class Forwarder:
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
-                await response.write(chunk)
+                async with asyncio.timeout(self._write_timeout):
+                    await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest answer is a broken connection,
             # never a clean-looking truncated body.
@@ -315,24 +373,56 @@ class ForwardError(Exception):
 class LimitedBody:
     """Streams a request body upstream, counting it against the size limit."""
 
-    __slots__ = ("_content", "_limit", "exceeded", "sent")
+    __slots__ = ("_content", "_limit", "_timeout", "exceeded", "sent", "timed_out")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int, timeout: float = 30.0) -> None:
         self._content = content
         self._limit = limit
+        self._timeout = timeout
         self.sent = 0
         self.exceeded = False
+        self.timed_out = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[bytes]:
-        async for chunk in self._content.iter_any():
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.timed_out = True
+                raise RequestTimeout(f"no request body bytes for {self._timeout:g}s") from None
+            if not chunk:
+                return
             self.sent += len(chunk)
             if self.sent > self._limit:
                 self.exceeded = True
                 raise PayloadTooLarge(f"request body over the {self._limit}-byte limit")
             yield chunk
+
+
+def _endpoint_of(upstream: aiohttp.ClientResponse) -> str:
+    host = upstream.url.raw_host or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{upstream.url.port}"
+
+
+def _short_keepalive(headers: CIMultiDictProxy[str], ours: float) -> bool:
+    """Whether the peer announced (Keep-Alive: timeout=N) that it closes idle connections
+    no later than our pool would: reusing such a connection races the peer's close."""
+    value = headers.get("Keep-Alive")
+    if not value:
+        return False
+    for part in value.split(","):
+        key, _, number = part.strip().partition("=")
+        if key.strip().lower() == "timeout":
+            try:
+                return float(number) <= ours
+            except ValueError:
+                return False
+    return False
 
 
 def _reason(exc: BaseException) -> str:

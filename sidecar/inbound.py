@@ -8,6 +8,7 @@ from aiohttp import web
 
 from . import tracing
 from .accesslog import AccessLog
+from .deadline import TIMEOUT_HEADER
 from .deadline import from_headers as deadline_from
 from .errors import AppUnhealthy, SidecarError, error_response
 from .forward import REQUEST_ID, Forwarder
@@ -52,7 +53,8 @@ class Inbound:
                 path = request.raw_path
                 if not path.startswith("/"):  # absolute-form target: keep only path and query
                     path = str(request.rel_url)
-                extra = [*trace.headers().items(), *deadline.outgoing_headers(started).items()]
+                # The app learns its remaining budget; the sidecar-to-sidecar header stays here.
+                extra = [*trace.headers().items(), (TIMEOUT_HEADER, deadline.header_value(started))]
                 response = await self.forwarder.forward(
                     request, self.app_endpoint, path, extra_headers=extra, timeout=deadline.remaining(started)
                 )

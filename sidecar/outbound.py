@@ -25,6 +25,8 @@ from .discovery import Discovery
 from .errors import (
     BadRequest,
     MisdirectedRequest,
+    PayloadTooLarge,
+    RequestTimeout,
     SidecarError,
     UnknownService,
     UpstreamTimeout,
@@ -215,6 +217,11 @@ class Outbound:
                     timeout,
                 )
             except ForwardError as err:
+                if limited is not None and (limited.exceeded or limited.timed_out):
+                    self.balancer.release(lease, "cancelled")  # the caller broke a limit
+                    if limited.exceeded:
+                        raise PayloadTooLarge("request body over the limit") from err
+                    raise RequestTimeout("the request body stalled") from err
                 self.balancer.release(lease, _outcome(err))
                 if err.kind != "refused" and self._may_retry(
                     request, service, budget, deadline, call.attempts, _failure_kind(err), None, body
@@ -232,7 +239,7 @@ class Outbound:
                 continue
             outcome: Outcome = "cancelled"
             try:
-                response = await self.forwarder.relay(request, upstream, call.request_id)
+                response = await self.forwarder.relay(request, upstream, call.request_id, limited)
                 outcome = upstream.status
                 return response
             finally:

@@ -22,8 +22,6 @@ import sys
 import time
 from typing import Any
 
-from aiohttp import web
-
 from . import __version__
 from .accesslog import AccessLog
 from .admin import Admin
@@ -33,6 +31,7 @@ from .discovery import Discovery
 from .forward import Forwarder
 from .health import HealthChecker
 from .inbound import Inbound
+from .listener import Listener, ServerLimits
 from .metrics import Metrics
 from .outbound import Outbound, RetryPolicy
 from .registration import Registration
@@ -42,8 +41,6 @@ from .supervise import AppProcess, AppStartError
 log = logging.getLogger("sidecar")
 
 EXIT_CRASH = 1
-IDLE_TIMEOUT = 75.0
-MAX_HEADERS = 100
 EXIT_APP_NOT_FOUND = 127
 
 
@@ -57,67 +54,24 @@ def make_registry(config: Config) -> Registry:
     return LocalRegistry(config.registry.path)
 
 
-class Listener:
-    """One aiohttp listener and the port it got."""
-
-    def __init__(self, name: str, handler: Any, host: str, port: int, grace: float) -> None:
-        self.name = name
-        self.host = host
-        self.requested_port = port
-        if isinstance(handler, web.Application):
-            self.runner: web.BaseRunner = web.AppRunner(
-                handler, handle_signals=False, access_log=None, shutdown_timeout=grace
-            )
-        else:
-            server = web.Server(
-                handler,
-                access_log=None,
-                # Longer than the 4 s idle timeout of the peers' pools, so that a peer
-                # closes an idle connection before we do and never races a request.
-                keepalive_timeout=IDLE_TIMEOUT,
-                # A proxy passes bodies through as they are, compressed or not.
-                auto_decompress=False,
-                max_headers=MAX_HEADERS,
-            )
-            self.runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=grace)
-        self.port = 0
-
-    def __repr__(self) -> str:
-        return f"<Listener {self.name} {self.host}:{self.port}>"
-
-    async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.requested_port, backlog=1024)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self.runner.cleanup()
-            raise OSError(
-                exc.errno,
-                f"{self.name} listener cannot bind {self.host}:{self.requested_port}: {exc.strerror}",
-            ) from exc
-        self.port = site.port
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-
-
 class Sidecar:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
         self.registry = make_registry(config)
         self.health = HealthChecker(config.app)
-        app_cfg, traffic = config.app, config.traffic
-        self.inbound_forwarder = Forwarder(
-            connect_timeout=traffic.connect_timeout,
-            request_timeout=app_cfg.request_timeout,
-            max_body=app_cfg.max_request_body,
-        )
-        self.outbound_forwarder = Forwarder(
-            connect_timeout=traffic.connect_timeout,
-            request_timeout=app_cfg.request_timeout,
-            max_body=app_cfg.max_request_body,
+        app_cfg, traffic, lim = config.app, config.traffic, config.limits
+        self.inbound_forwarder, self.outbound_forwarder = (
+            Forwarder(
+                connect_timeout=traffic.connect_timeout,
+                request_timeout=app_cfg.request_timeout,
+                max_body=app_cfg.max_request_body,
+                body_timeout=lim.body_timeout,
+                write_timeout=lim.write_timeout,
+                max_connections=lim.upstream_max_connections,
+                max_pending=lim.upstream_max_pending,
+            )
+            for _ in range(2)
         )
         self.discovery = Discovery(self.registry)
         self.metrics_registry = Metrics()
@@ -163,12 +117,30 @@ class Sidecar:
         )
         grace = config.lifecycle.grace_period
         listen = config.listen
+        lim = config.limits
+        server_limits = ServerLimits(
+            header_timeout=lim.header_timeout,
+            idle_timeout=lim.idle_timeout,
+            max_connections=lim.max_connections,
+        )
         self.listeners = {
             "inbound": Listener(
-                "inbound", self.inbound.handle, listen.inbound_host, listen.inbound_port, grace
+                "inbound",
+                self.inbound.handle,
+                listen.inbound_host,
+                listen.inbound_port,
+                grace,
+                limits=server_limits,
+                sidecar_name=name,
             ),
             "outbound": Listener(
-                "outbound", self.outbound.handle, listen.outbound_host, listen.outbound_port, grace
+                "outbound",
+                self.outbound.handle,
+                listen.outbound_host,
+                listen.outbound_port,
+                grace,
+                limits=server_limits,
+                sidecar_name=name,
             ),
             "admin": Listener("admin", self.admin.app(), listen.admin_host, listen.admin_port, 1.0),
         }

@@ -378,11 +378,12 @@ async def _splice(
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
-    if idle:
-        # Nothing moved: a stalled peer may never read what is buffered, so do not wait for it.
-        writer.transport.abort()
-        if request.transport is not None:
-            request.transport.abort()
+    client = request.transport
+    if idle and client is not None and client.get_write_buffer_size():
+        # Nothing moved and the client is not reading what it was sent: do not let the
+        # graceful close that aiohttp does next wait for it (the upstream side is bounded
+        # by CLOSE_WAIT in _close).
+        client.abort()
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
