@@ -278,6 +278,31 @@ async def test_wire_101_has_no_body_framing_and_bytes_are_not_chunked(app: EchoA
         writer.close()
 
 
+async def test_hop_by_hop_headers_of_the_101_are_dropped() -> None:
+    answer = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade, X-Hop\r\n"
+        b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\nSec-WebSocket-Accept: abc=\r\n"
+        b"X-End: kept\r\n\r\n\x81\x02hi"
+    )
+    async with raw_upstream(answer) as port, tunnel_server(port) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
+        try:
+            writer.write(handshake()[0])
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            status, fields = head_fields(head)
+            assert status == "HTTP/1.1 101 Switching Protocols"
+            for gone in ("X-Hop", "Keep-Alive", "Content-Length", "Transfer-Encoding"):
+                assert gone not in fields
+            assert fields["Upgrade"] == "WebSocket"
+            assert fields["Connection"] == "Upgrade"
+            assert fields["Sec-WebSocket-Accept"] == "abc="
+            assert fields["X-End"] == "kept"
+            # bytes the app sent right behind its head arrive, then the app's close ends it all
+            assert await asyncio.wait_for(reader.read(), 5) == b"\x81\x02hi"
+        finally:
+            writer.close()
+
+
 async def test_client_bytes_sent_with_the_handshake_are_kept(app: EchoApp, proxy: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
     try:
