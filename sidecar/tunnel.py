@@ -29,9 +29,10 @@ How the client connection is taken over from aiohttp's server (verified against 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, cast
 
 from aiohttp import StreamReader, web
@@ -209,36 +210,34 @@ async def _relay(
     endpoint: str,
     timeout: float,
 ) -> web.StreamResponse:
-    codings = [c.strip().lower() for c in ",".join(upstream.getall("Transfer-Encoding", ())).split(",")]
-    chunked = codings[-1] == "chunked"
-    if "Transfer-Encoding" in upstream and not chunked:
-        length: int | None = None  # a body without chunked framing runs until the close
-    else:
-        raw_length = upstream.get("Content-Length")
-        length = int(raw_length.split(",")[0]) if raw_length is not None else None
+    chunked = "Transfer-Encoding" in upstream
+    if chunked and [c.strip().lower() for c in upstream.getall("Transfer-Encoding")] != ["chunked"]:
+        raise UpstreamProtocolError(f"{endpoint} sent a transfer coding other than chunked")
+    raw_length = upstream.get("Content-Length")
+    length = int(raw_length.split(",")[0]) if raw_length is not None else None
     headers = strip_hop_by_hop(upstream)
     headers.popall("Content-Length", None)
     headers[REQUEST_ID] = upstream.get(REQUEST_ID, request_id)
     response = web.StreamResponse(status=status, reason=reason or None, headers=headers)
-    bodiless = status in (204, 304)
-    if bodiless:
-        length = 0
+    if status in (204, 304):
+        chunked, length = False, 0
     elif length is not None:
         response.content_length = length
     else:
-        response.enable_chunked_encoding()
-    await response.prepare(request)
+        response.enable_chunked_encoding()  # chunked, or a body that runs until the close
     try:
-        if chunked and not bodiless:
-            body = _read_chunked(reader, timeout)
-        else:
-            body = _read_plain(reader, length, timeout)
-        async for data in body:
-            await response.write(data)
+        await response.prepare(request)
+    except ConnectionError:
+        return response  # the client left; aiohttp drops the connection quietly
+    body = _read_chunked(reader, timeout) if chunked else _read_plain(reader, length, timeout)
+    try:
+        async with contextlib.aclosing(body):
+            async for data in body:
+                await response.write(data)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError, ValueError) as exc:
         # The head is gone already: the only honest answer is a broken connection.
-        log.warning("relaying the answer of %s to an upgrade broke: %r", endpoint, exc)
         if request.transport is not None:
+            log.warning("relaying the answer of %s to an upgrade broke: %r", endpoint, exc)
             request.transport.abort()
         return response
     await response.write_eof()
@@ -247,7 +246,7 @@ async def _relay(
 
 async def _read_plain(
     reader: asyncio.StreamReader, length: int | None, timeout: float
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     remaining = length
     while remaining is None or remaining > 0:
         size = CHUNK if remaining is None else min(CHUNK, remaining)
@@ -262,7 +261,7 @@ async def _read_plain(
         yield data
 
 
-async def _read_chunked(reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
+async def _read_chunked(reader: asyncio.StreamReader, timeout: float) -> AsyncGenerator[bytes, None]:
     while True:
         async with asyncio.timeout(timeout):
             line = await reader.readuntil(b"\r\n")

@@ -379,6 +379,22 @@ async def test_body_until_close_is_reframed() -> None:
             writer.close()
 
 
+async def test_truncated_answer_breaks_the_client_connection() -> None:
+    answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nshort"
+    async with raw_upstream(answer) as port, tunnel_server(port) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
+        try:
+            writer.write(handshake()[0])
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            status, fields = head_fields(head)
+            assert status.startswith("HTTP/1.1 403")
+            assert fields["Content-Length"] == "100"
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionResetError)):
+                await asyncio.wait_for(reader.readexactly(100), 5)
+        finally:
+            writer.close()
+
+
 # -- failures before anything reached the client ---------------------------------------------
 
 
@@ -415,6 +431,7 @@ async def test_refused_connection_is_502() -> None:
         b"HTTP/1.1 101 Switching",  # closed mid-head
         b"",  # closed without answering
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
     ],
 )
 async def test_malformed_answer_is_502(answer: bytes) -> None:
