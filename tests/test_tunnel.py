@@ -511,6 +511,34 @@ async def test_two_chained_tunnels(app: EchoApp) -> None:
     assert seen["Upgrade"] == "websocket"
 
 
+async def test_through_the_sidecars_own_listeners(app: EchoApp) -> None:
+    """The hand-over also works behind sidecar.listener's hardened protocol (head timer, limits)."""
+    from sidecar.listener import Listener, ServerLimits
+
+    limits = ServerLimits(header_timeout=0.3, idle_timeout=0.3)
+    inbound = Listener("inbound", tunnelling(app.port), "127.0.0.1", 0, 0.5, limits=limits)
+    await inbound.start()
+    outbound = Listener("outbound", tunnelling(inbound.port), "127.0.0.1", 0, 0.5, limits=limits)
+    await outbound.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://127.0.0.1:{outbound.port}/ws") as ws,
+        ):
+            await ws.send_str("one")
+            assert await ws.receive_str(timeout=5) == "echo:one"
+            await asyncio.sleep(0.6)  # longer than the head and keep-alive timers: still open
+            await ws.send_bytes(b"two" * 100_000)
+            assert await ws.receive_bytes(timeout=5) == b"two" * 100_000
+            await ws.close()
+            assert ws.close_code == aiohttp.WSCloseCode.OK
+        await asyncio.wait_for(app.closed.wait(), 5)
+    finally:
+        await outbound.stop()
+        await inbound.stop()
+    assert_no_tunnel_tasks()
+
+
 def test_echo_on_uvloop() -> None:
     """The sidecar runs on uvloop: the hand-over works there too."""
     uvloop = pytest.importorskip("uvloop")
