@@ -244,6 +244,13 @@ CONSUL_FLAGS = (
     help="Seconds a client may stop reading a response before it is dropped.",
 )
 @click.option(
+    "--tunnel-idle-timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds a WebSocket tunnel may stay silent both ways before it is closed.",
+)
+@click.option(
     "--max-connections",
     type=int,
     default=10_000,
@@ -312,6 +319,7 @@ def cli(**opts: Any) -> None:
             idle_timeout=opts["idle_timeout"],
             body_timeout=opts["body_timeout"],
             write_timeout=opts["write_timeout"],
+            tunnel_idle_timeout=opts["tunnel_idle_timeout"],
             max_connections=opts["max_connections"],
             upstream_max_connections=opts["upstream_max_connections"],
             upstream_max_pending=opts["upstream_max_pending"],

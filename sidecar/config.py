@@ -90,6 +90,7 @@ class LimitsConfig:
     idle_timeout: float
     body_timeout: float
     write_timeout: float
+    tunnel_idle_timeout: float
     max_connections: int
     upstream_max_connections: int
     upstream_max_pending: int
@@ -271,6 +272,7 @@ def build_config(
     idle_timeout: float = 75.0,
     body_timeout: float = 30.0,
     write_timeout: float = 30.0,
+    tunnel_idle_timeout: float = 300.0,
     max_connections: int = 10_000,
     upstream_max_connections: int = 256,
     upstream_max_pending: int = 1024,
@@ -326,6 +328,7 @@ def build_config(
         ("--idle-timeout", idle_timeout),
         ("--body-timeout", body_timeout),
         ("--write-timeout", write_timeout),
+        ("--tunnel-idle-timeout", tunnel_idle_timeout),
     ):
         _positive(flag, value)
     for flag, count in (
@@ -415,6 +418,7 @@ def build_config(
             idle_timeout=float(idle_timeout),
             body_timeout=float(body_timeout),
             write_timeout=float(write_timeout),
+            tunnel_idle_timeout=float(tunnel_idle_timeout),
             max_connections=max_connections,
             upstream_max_connections=upstream_max_connections,
             upstream_max_pending=upstream_max_pending,

@@ -291,11 +291,11 @@ class Forwarder:
                 raise ForwardError("refused", RequestTimeout("the request body stalled")) from exc
             raise ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}")) from exc
         finally:
-            self.active -= 1
             if not opened:
                 self._done(endpoint)
 
     def _done(self, endpoint: str) -> None:
+        self.active -= 1
         left = self._in_flight.get(endpoint, 1) - 1
         if left > 0:
             self._in_flight[endpoint] = left

@@ -11,9 +11,10 @@ from .accesslog import AccessLog
 from .deadline import TIMEOUT_HEADER
 from .deadline import from_headers as deadline_from
 from .errors import AppUnhealthy, SidecarError, error_response
-from .forward import REQUEST_ID, Forwarder
+from .forward import REQUEST_ID, Forwarder, request_headers
 from .health import HealthChecker
 from .metrics import Metrics
+from .tunnel import is_upgrade, tunnel
 
 
 class Inbound:
@@ -27,7 +28,11 @@ class Inbound:
         metrics: Metrics,
         access_log: AccessLog,
         request_timeout: float,
+        connect_timeout: float = 2.0,
+        tunnel_idle_timeout: float = 300.0,
     ) -> None:
+        self.connect_timeout = connect_timeout
+        self.tunnel_idle_timeout = tunnel_idle_timeout
         self.name = name
         host = f"[{app_host}]" if ":" in app_host else app_host
         self.app_endpoint = f"{host}:{app_port}"
@@ -55,9 +60,27 @@ class Inbound:
                     path = str(request.rel_url)
                 # The app learns its remaining budget; the sidecar-to-sidecar header stays here.
                 extra = [*trace.headers().items(), (TIMEOUT_HEADER, deadline.header_value(started))]
-                response = await self.forwarder.forward(
-                    request, self.app_endpoint, path, extra_headers=extra, timeout=deadline.remaining(started)
-                )
+                if is_upgrade(request):
+                    headers, request_id = request_headers(request, None)
+                    headers.update(extra)
+                    response = await tunnel(
+                        request,
+                        self.app_endpoint,
+                        path,
+                        headers,
+                        request_id,
+                        connect_timeout=self.connect_timeout,
+                        response_timeout=deadline.remaining(started),
+                        idle_timeout=self.tunnel_idle_timeout,
+                    )
+                else:
+                    response = await self.forwarder.forward(
+                        request,
+                        self.app_endpoint,
+                        path,
+                        extra_headers=extra,
+                        timeout=deadline.remaining(started),
+                    )
             except SidecarError as err:
                 response = error_response(err, self.name, request.headers.get(REQUEST_ID))
         duration = time.monotonic() - started

@@ -143,7 +143,6 @@ class SidecarRequestHandler(RequestHandler):
         server.open_connections += 1
         self._counted = True
         super().connection_made(transport)
-        self._start_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if getattr(self, "_counted", False):
@@ -153,12 +152,19 @@ class SidecarRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # The head timer runs from the first byte of a request to the end of its head; an
+        # idle connection (no byte yet) is the keep-alive timer's business instead.
         if self._head_timer is None and self._current_request is None and not self._upgraded:
             self._start_head_timer()
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:
             self._cancel_head_timer()
+
+    def _process_keepalive(self) -> None:
+        if self._head_timer is not None:
+            return  # a request head is on its way: the head timer decides (408)
+        super()._process_keepalive()
 
     def _start_head_timer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -183,8 +189,7 @@ class SidecarRequestHandler(RequestHandler):
                 self._sidecar_server.sidecar_name,
             )
         )
-        self.force_close()
-        self.transport.close()
+        self.force_close()  # closes the transport after the 408 is written
 
     def handle_error(
         self,

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from . import tracing
 from .accesslog import AccessLog
@@ -34,7 +35,9 @@ from .errors import (
 )
 from .forward import REQUEST_ID, Forwarder, ForwardError, request_headers
 from .metrics import Metrics
+from .registry.base import Instance
 from .retry import FailureKind, ReplayBuffer, RetryBudget, backoff_delay, response_failure, retry_eligible
+from .tunnel import is_upgrade, tunnel
 
 _SERVICE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -125,7 +128,11 @@ class Outbound:
         policy: RetryPolicy,
         metrics: Metrics,
         access_log: AccessLog,
+        connect_timeout: float = 2.0,
+        tunnel_idle_timeout: float = 300.0,
     ) -> None:
+        self.connect_timeout = connect_timeout
+        self.tunnel_idle_timeout = tunnel_idle_timeout
         self.name = name
         self.discovery = discovery
         self.forwarder = forwarder
@@ -193,6 +200,8 @@ class Outbound:
         headers.update(trace.headers())
         budget = self.budget(service)
         budget.record_request()
+        if is_upgrade(request):
+            return await self._tunnel(request, service, path, instances, headers, deadline, call)
         limited = await self.forwarder.body(request)
         body = ReplayBuffer(aiter(limited)) if limited is not None else None
         tried: set[str] = set()
@@ -244,6 +253,45 @@ class Outbound:
                 return response
             finally:
                 self.balancer.release(lease, outcome)
+
+    async def _tunnel(
+        self,
+        request: web.BaseRequest,
+        service: str,
+        path: str,
+        instances: tuple[Instance, ...],
+        headers: CIMultiDict[str],
+        deadline: Deadline,
+        call: _Call,
+    ) -> web.StreamResponse:
+        """A WebSocket upgrade: one attempt (the client waits on the handshake), and the open
+        tunnel counts as an outstanding request of the endpoint for its whole life."""
+        lease = self.balancer.acquire(service, instances)
+        call.instance, call.attempts = lease.instance.id, 1
+        now = time.monotonic()
+        headers.update(deadline.outgoing_headers(now))
+        outcome: Outcome = "cancelled"
+        try:
+            response = await tunnel(
+                request,
+                lease.instance.endpoint,
+                path,
+                headers,
+                call.request_id or "",
+                connect_timeout=self.connect_timeout,
+                response_timeout=deadline.try_timeout(self.policy.per_try_timeout, now),
+                idle_timeout=self.tunnel_idle_timeout,
+            )
+            outcome = response.status
+            return response
+        except UpstreamTimeout:
+            outcome = "timeout"
+            raise
+        except SidecarError:
+            outcome = "connect_failure"
+            raise
+        finally:
+            self.balancer.release(lease, outcome)
 
     def _may_retry(
         self,

@@ -95,6 +95,8 @@ class Sidecar:
             self.metrics_registry,
             self.access_log,
             app_cfg.request_timeout,
+            connect_timeout=traffic.connect_timeout,
+            tunnel_idle_timeout=lim.tunnel_idle_timeout,
         )
         policy = RetryPolicy(
             retries=traffic.retries,
@@ -111,6 +113,8 @@ class Sidecar:
             policy,
             self.metrics_registry,
             self.access_log,
+            connect_timeout=traffic.connect_timeout,
+            tunnel_idle_timeout=lim.tunnel_idle_timeout,
         )
         self.admin = Admin(
             ready=self.ready, status=self.status, metrics=self.metrics, shutdown=self.request_stop

@@ -41,7 +41,7 @@ import os
 import socket
 import struct
 
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 MAX_HEAD = 1024 * 1024
 
 
