@@ -58,6 +58,7 @@ class LocalRegistry(Registry):
         # name -> (last answer, its index): the index grows each time the answer changes.
         self._answers: dict[str, tuple[tuple[Instance, ...], bool, int]] = {}
         self._counter = 0
+        self._inode = 0
 
     def __repr__(self) -> str:
         return f"<LocalRegistry path={str(self.path)!r} watched={len(self._answers)}>"
@@ -78,14 +79,34 @@ class LocalRegistry(Registry):
             pass
         return db
 
+    def _same_file(self) -> bool:
+        """Whether the open connection still writes to the file at `path` (someone may have
+        deleted or replaced it: an open SQLite handle would keep writing to the old inode)."""
+        try:
+            return os.stat(self.path).st_ino == self._inode
+        except OSError:
+            return False
+
     async def _run(self, what: str, fn: Any, *args: Any) -> Any:
         async with self._lock:
             try:
+                if self._db is not None and not await asyncio.to_thread(self._same_file):
+                    await self._drop()
                 if self._db is None:
                     self._db = await asyncio.to_thread(self._connect)
+                    self._inode = os.stat(self.path).st_ino
                 return await asyncio.to_thread(fn, self._db, *args)
             except (sqlite3.Error, OSError) as exc:
+                await self._drop()  # start from a fresh connection next time
                 raise RegistryUnavailable(f"{what} in local registry {self.path}: {exc}") from exc
+
+    async def _drop(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            try:
+                await asyncio.to_thread(db.close)
+            except sqlite3.Error:
+                pass
 
     async def open(self) -> None:
         await self._run("opening", lambda db: None)
