@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.duration:g} s per cell, {args.repeat} repeat(s)",
         flush=True,
     )
+    started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="micro-sidecar-bench-"))
     harness = Harness(workdir)
     result: dict[str, Any] = {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()}}
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             print()
             result["profile"] = run_profile(harness, stack, args)
         result["machine"]["loadavg_end"] = os.getloadavg()
+        result["elapsed_s"] = round(time.monotonic() - started)
+        print(f"\ndone in {result['elapsed_s']} s", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping everything", file=sys.stderr)
         return 130
