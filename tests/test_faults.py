@@ -161,7 +161,16 @@ def test_upstream_reset_get_retried_on_another_instance_post_not(start_sidecar, 
             "--advertise-address",
             "127.0.0.3",
         )
-        caller = start_sidecar(raw_app(procs, tmp_path, name="caller").port, "--name", "caller")
+        # round robin, no ejection: every other POST goes to the resetting instance
+        caller = start_sidecar(
+            raw_app(procs, tmp_path, name="caller").port,
+            "--name",
+            "caller",
+            "--lb",
+            "round_robin",
+            "--outlier-failures",
+            "1000",
+        )
         assert status_of(f"{caller.outbound}/flaky/warm") == 200
         wait_for(
             lambda: len(caller.status()["upstreams"].get("flaky", {}).get("instances", [])) == 2,

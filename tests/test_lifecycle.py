@@ -121,7 +121,7 @@ async def test_a_crashing_part_stops_the_process_and_names_the_part(tmp_path, ca
 def test_admin_endpoints_answer(start_app, start_sidecar, path):
     app = start_app()
     sc = start_sidecar(app.port)
-    code, headers, body = http("GET", f"{sc.admin}{path}")
+    code, _, body = http("GET", f"{sc.admin}{path}")
     assert code == 200
     if path == "/status":
         status = json.loads(body)
