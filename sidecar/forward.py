@@ -17,8 +17,9 @@ this module's internals, not its interface.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Literal
 
@@ -82,36 +83,64 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     return out
 
 
-def _unverifiable_forwarding(name: str) -> bool:
-    lowered = name.lower()
-    if lowered in ("forwarded", "x-real-ip"):
-        return True
-    return lowered.startswith("x-forwarded-") and lowered != "x-forwarded-for"
+# Request ids: a random per-process prefix and a counter, 32 hex characters. Unique per
+# process run (the prefix has 64 random bits) and far cheaper than uuid4 per request.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+# Lower-cased names dropped from every forwarded request: hop-by-hop, Expect (answered by
+# the sidecar itself, see Forwarder.body), forwarding facts that cannot be verified, and
+# the ones set below.
+_DROP_REQUEST = HOP_BY_HOP | {
+    "expect",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+}
 
 
 def request_headers(request: web.BaseRequest, host: str | None) -> tuple[CIMultiDict[str], str]:
     """Headers to send upstream, and the request id they carry."""
-    headers = strip_hop_by_hop(request.headers)
-    headers.popall("Expect", None)  # answered by the sidecar itself (see Forwarder._body)
-    for key in [k for k in headers if k.lower().startswith(INTERNAL_PREFIX)]:
-        headers.popall(key)
-    # Rack and Puma read '_' and '-' alike: a header with '_' could spoof a trusted one.
-    # Forwarding facts other than the ones we set below cannot be verified: drop them.
-    for key in [k for k in headers if "_" in k or _unverifiable_forwarding(k)]:
-        headers.popall(key)
-    peer = request.remote or ""
-    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    original_host = request.headers.get("Host")
-    if original_host:
-        headers["X-Forwarded-Host"] = original_host
-    request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
-    headers[REQUEST_ID] = request_id
-    if host is not None:
-        headers["Host"] = host
+    incoming = request.headers
+    drop = _DROP_REQUEST
+    if "Connection" in incoming:
+        drop = drop | connection_listed(incoming)
     if not request.body_exists:
-        headers.popall("Content-Length", None)
+        drop = drop | {"content-length"}
+    headers: CIMultiDict[str] = CIMultiDict()
+    add = headers.add
+    for key, value in incoming.items():
+        lowered = key.lower()
+        if lowered in drop:
+            continue
+        if lowered == "host" and host is not None:
+            if "Host" not in headers:
+                add(key, host)
+            continue
+        # Rack and Puma read '_' and '-' alike: a header with '_' could spoof a trusted one.
+        # Forwarding facts other than the ones we set below cannot be verified: drop them.
+        if "_" in key or (lowered.startswith("x-") and lowered.startswith((INTERNAL_PREFIX, "x-forwarded-"))):
+            continue
+        add(key, value)
+    peer = request.remote or ""
+    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    add("X-Forwarded-For", f"{prior}, {peer}" if prior else peer)
+    add("X-Forwarded-Proto", request.scheme)
+    original_host = incoming.get("Host")
+    if original_host:
+        add("X-Forwarded-Host", original_host)
+    request_id = incoming.get(REQUEST_ID) or new_request_id()
+    add(REQUEST_ID, request_id)
+    if host is not None and "Host" not in headers:
+        add("Host", host)
     return headers, request_id
 
 

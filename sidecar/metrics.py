@@ -8,8 +8,8 @@ caller that invents names cannot grow the series without bound.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,6 +39,25 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else OTHER
 
 
+# bound on the label-child caches (methods and services come from requests)
+_MAX_CACHED = 4096
+
+
+class _InFlight:
+    """A reusable `with` block that counts a request as active on one gauge child."""
+
+    __slots__ = ("_gauge",)
+
+    def __init__(self, gauge: Any) -> None:
+        self._gauge = gauge
+
+    def __enter__(self) -> None:
+        self._gauge.inc()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gauge.dec()
+
+
 class Metrics:
     """Every metric of issue 6; `render()` answers /metrics.
 
@@ -50,6 +69,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.max_services = max_services
         self._services: set[str] = set()
+        # label children cached per request shape: labels() costs a lock and a dict walk
+        self._observed: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+        self._gauges: dict[tuple[str, str], _InFlight] = {}
         self._scrape_hooks: list[Callable[[], None]] = []
         r = self.registry
         self.up = Gauge("sidecar_up", "1 while the sidecar runs.", registry=r)
@@ -119,19 +141,28 @@ class Metrics:
 
     def observe_request(self, direction: str, service: str, method: str, status: int, seconds: float) -> None:
         """Count one finished request and its latency. `direction`: inbound or outbound."""
-        label = self.service_label(service)
-        self.requests.labels(direction, label, method_class(method), status_class(status)).inc()
-        self.latency.labels(direction, label).observe(seconds)
+        key = (direction, service, method, status)
+        children = self._observed.get(key)
+        if children is None:
+            label = self.service_label(service)
+            children = (
+                self.requests.labels(direction, label, method_class(method), status_class(status)),
+                self.latency.labels(direction, label),
+            )
+            if len(self._observed) < _MAX_CACHED:
+                self._observed[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
-    @contextmanager
-    def in_flight(self, direction: str, service: str) -> Iterator[None]:
+    def in_flight(self, direction: str, service: str) -> _InFlight:
         """Counts a request as active for the duration of the `with` block."""
-        gauge = self.active.labels(direction, self.service_label(service))
-        gauge.inc()
-        try:
-            yield
-        finally:
-            gauge.dec()
+        key = (direction, service)
+        gauge = self._gauges.get(key)
+        if gauge is None:
+            gauge = _InFlight(self.active.labels(direction, self.service_label(service)))
+            if len(self._gauges) < _MAX_CACHED:
+                self._gauges[key] = gauge
+        return gauge
 
     def inc_retry(self, service: str) -> None:
         self.retries.labels(self.service_label(service)).inc()
