@@ -24,10 +24,12 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Literal
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import (
+    BadRequest,
     ExpectationFailed,
     PayloadTooLarge,
     RequestTimeout,
@@ -37,6 +39,7 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .upstream import BadRequestHead, ConnectTimeout, HeadTimeout, Pool, UpstreamResponse, request_head
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,8 @@ def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMult
 
 
 class Forwarder:
-    """A keep-alive pool and the streaming copy loop, shared by one listener."""
+    """Keep-alive pools (one per endpoint, see upstream.Pool) and the streaming copy loop,
+    shared by one listener."""
 
     def __init__(
         self,
@@ -175,38 +179,37 @@ class Forwarder:
         self._in_flight: dict[str, int] = {}
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
+        # shorter than Node's default 5 s, so that we close an idle connection before the
+        # app does and never race it with a request
         self._keepalive_timeout = keepalive_timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[str, Pool] | None = None
         self.active = 0
 
     def __repr__(self) -> str:
-        return f"<Forwarder active={self.active} open={self._session is not None}>"
+        return f"<Forwarder active={self.active} open={self._pools is not None}>"
 
     async def start(self) -> None:
-        # keepalive shorter than Node's default 5 s, so that we close an idle connection
-        # before the app does and never race it with a request.
-        connector = aiohttp.TCPConnector(
-            limit=0,
-            limit_per_host=self._max_connections,
-            keepalive_timeout=self._keepalive_timeout,
-            use_dns_cache=False,
-            enable_cleanup_closed=False,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=self._connect_timeout, sock_read=self._request_timeout
-            ),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            raise_for_status=False,
-        )
+        self._pools = {}
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pools is not None:
+            for pool in self._pools.values():
+                pool.close()
+            self._pools = None
+
+    def _pool(self, endpoint: str) -> Pool:
+        pools = self._pools
+        assert pools is not None, "Forwarder.start() was not awaited"
+        pool = pools.get(endpoint)
+        if pool is None:
+            pool = pools[endpoint] = Pool(
+                endpoint,
+                max_connections=self._max_connections,
+                keepalive_timeout=self._keepalive_timeout,
+                connect_timeout=self._connect_timeout,
+                read_timeout=self._request_timeout,
+            )
+        return pool
 
     async def forward(
         self,
@@ -258,39 +261,43 @@ class Forwarder:
         headers: CIMultiDict[str],
         body: AsyncIterable[bytes] | None,
         timeout: float | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request and wait for the response's headers. Raises ForwardError.
 
         `timeout` bounds the wait for the response headers (the per-try timeout); the
         body then streams with the idle read timeout of the pool.
         """
-        assert self._session is not None, "Forwarder.start() was not awaited"
-        url = f"http://{endpoint}{path}"
+        pool = self._pool(endpoint)
         in_flight = self._in_flight.get(endpoint, 0)
         if in_flight >= self._max_in_flight:
             raise ForwardError(
                 "refused", UpstreamPoolFull(f"{in_flight} requests already waiting for {endpoint}")
             )
+        try:
+            head = request_head(method, path, headers, endpoint, body is not None)
+        except BadRequestHead as exc:
+            raise ForwardError("refused", BadRequest(str(exc))) from exc
         self._in_flight[endpoint] = in_flight + 1
         self.active += 1
         opened = False
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                response = await self._session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    compress=None,
-                    chunked=None,
-                    read_until_eof=True,
-                    auto_decompress=False,
-                    expect100=False,
-                    proxy=None,
-                )
+            try:
+                conn = await pool.acquire(deadline)
+            except HeadTimeout as exc:
+                raise ForwardError("timeout", UpstreamTimeout(f"timed out waiting for {endpoint}")) from exc
+            except ConnectTimeout as exc:
+                timed_out = UpstreamTimeout(f"timed out connecting to {endpoint}")
+                raise ForwardError("connect_failure", timed_out) from exc
+            except OSError as exc:
+                refused = UpstreamConnectError(f"cannot connect to {endpoint}: {_reason(exc)}")
+                raise ForwardError("connect_failure", refused) from exc
+            chunked = body is not None and "Content-Length" not in headers
+            response = await pool.exchange(conn, method, head, chunked, body, deadline)
             opened = True
             return response
+        except ForwardError:
+            raise
         except (PayloadTooLarge, RequestTimeout) as exc:
             raise ForwardError("refused", exc) from exc
         except aiohttp.ClientPayloadError as exc:
@@ -302,15 +309,9 @@ class Forwarder:
         except aiohttp.ServerDisconnectedError as exc:
             error = UpstreamProtocolError(f"{endpoint} closed the connection without answering")
             raise ForwardError("reset", error) from exc
-        except aiohttp.ConnectionTimeoutError as exc:
-            timed_out = UpstreamTimeout(f"timed out connecting to {endpoint}")
-            raise ForwardError("connect_failure", timed_out) from exc
-        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
-            refused = UpstreamConnectError(f"cannot connect to {endpoint}: {_reason(exc)}")
-            raise ForwardError("connect_failure", refused) from exc
         except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
             raise ForwardError("timeout", UpstreamTimeout(f"timed out waiting for {endpoint}")) from exc
-        except aiohttp.ClientResponseError as exc:
+        except http_exceptions.HttpProcessingError as exc:
             error = UpstreamProtocolError(f"{endpoint} sent a malformed response: {exc.message}")
             raise ForwardError("reset", error) from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -334,7 +335,7 @@ class Forwarder:
     async def relay(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         request_id: str,
         body: LimitedBody | None = None,
     ) -> web.StreamResponse:
@@ -354,39 +355,90 @@ class Forwarder:
                 upstream.close()  # the app would close it before our pool reuses it
             else:
                 upstream.release()
-            self._done(_endpoint_of(upstream))
+            self._done(upstream.endpoint)
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
+        self, request: web.BaseRequest, upstream: UpstreamResponse, request_id: str
     ) -> web.StreamResponse:
-        codings = upstream.headers.getall("Transfer-Encoding", ())
-        if codings and [t.strip().lower() for v in codings for t in v.split(",")] != ["chunked"]:
-            # We cannot know where such a body ends (RFC 9112 section 6.3): refuse it.
-            raise UpstreamProtocolError(f"the app answered with Transfer-Encoding {', '.join(codings)!r}")
-        response = web.StreamResponse(
+        upstream_headers = upstream.headers
+        if "Transfer-Encoding" in upstream_headers:
+            codings = upstream_headers.getall("Transfer-Encoding")
+            if [t.strip().lower() for v in codings for t in v.split(",")] != ["chunked"]:
+                # We cannot know where such a body ends (RFC 9112 section 6.3): refuse it.
+                raise UpstreamProtocolError(f"the app answered with Transfer-Encoding {', '.join(codings)!r}")
+        content = upstream.content
+        # A body that arrived whole with its head goes out in one write with the head.
+        whole = content.is_eof()
+        response = (_WholeResponse if whole else web.StreamResponse)(
             status=upstream.status,
             reason=upstream.reason,
-            headers=response_headers(upstream.headers, request_id),
+            headers=response_headers(upstream_headers, request_id),
         )
-        length = upstream.headers.get("Content-Length")
+        length = upstream_headers.get("Content-Length")
         if length is not None and length.isdigit():
             response.content_length = int(length)
         elif upstream.status not in (204, 304) and request.method != "HEAD":
             response.enable_chunked_encoding()
-        await response.prepare(request)
+        transport = request.transport
+        watchdog: asyncio.TimerHandle | None = None
         try:
-            async for chunk in upstream.content.iter_chunked(CHUNK):
-                async with asyncio.timeout(self._write_timeout):
-                    await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            await response.prepare(request)
+            if whole:
+                data = b"".join(_drain_buffer(content))
+                if transport is not None:
+                    watchdog = _arm(transport, self._write_timeout)
+                await response.write_eof(data)
+                return response
+            write = response.write
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                if transport is None:
+                    await write(chunk)
+                    continue
+                # only a stalled write is timed, never the wait for the app's next bytes
+                watchdog = _arm(transport, self._write_timeout)
+                await write(chunk)
+                watchdog.cancel()
+                watchdog = None
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             # Headers are gone already: the only honest answer is a broken connection,
             # never a clean-looking truncated body.
-            log.warning("upstream %s broke mid-response: %s", upstream.url.host, _reason(exc))
+            log.warning("upstream %s broke mid-response: %s", upstream.endpoint, _reason(exc))
             if request.transport is not None:
                 request.transport.abort()
             return response
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         await response.write_eof()
         return response
+
+
+class _WholeResponse(web.StreamResponse):
+    """A relayed response whose body is already here: its head waits for the body."""
+
+    _send_headers_immediately = False
+
+
+def _drain_buffer(content: StreamReader) -> list[bytes]:
+    chunks: list[bytes] = []
+    while True:
+        chunk = content.read_nowait()
+        if not chunk:
+            return chunks
+        chunks.append(chunk)
+
+
+def _arm(transport: asyncio.BaseTransport, seconds: float) -> asyncio.TimerHandle:
+    """A write watchdog: aborts the client connection when a write stalls for `seconds`."""
+    return asyncio.get_running_loop().call_later(seconds, _stalled, transport)
+
+
+def _stalled(transport: asyncio.BaseTransport) -> None:
+    log.warning("a client stopped reading a response: closing its connection")
+    transport.abort()  # type: ignore[attr-defined]
 
 
 class ForwardError(Exception):
@@ -430,12 +482,6 @@ class LimitedBody:
                 self.exceeded = True
                 raise PayloadTooLarge(f"request body over the {self._limit}-byte limit")
             yield chunk
-
-
-def _endpoint_of(upstream: aiohttp.ClientResponse) -> str:
-    host = upstream.url.raw_host or ""
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{upstream.url.port}"
 
 
 def _short_keepalive(headers: CIMultiDictProxy[str], ours: float) -> bool:
