@@ -18,9 +18,11 @@ Rules of this file:
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,6 +259,126 @@ def guarded(handler: Any, sidecar_name: str) -> Any:
     return handle
 
 
+# Connections taken from the accept queue per readiness event. libuv (under uvloop)
+# accepts one per event-loop iteration, so a saturated loop drained a full listen queue at
+# a few dozen connections per second and new clients starved; we accept in a loop instead.
+ACCEPT_BATCH = 1024
+
+
+class FairTCPSite(web.TCPSite):
+    """aiohttp's TCPSite, but the listening sockets are ours and every readiness event
+    accepts up to ACCEPT_BATCH waiting connections, each handed to the loop with
+    `connect_accepted_socket`."""
+
+    __slots__ = ("_attaching", "_listening")
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        sockets = await _bind(loop, self._host, self._port, self._backlog)
+        self._listening = sockets
+        self._attaching: set[asyncio.Task[Any]] = set()
+        for sock in sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        self._server = _AcceptServer(loop, sockets)
+        self._bound_port = sockets[0].getsockname()[1]
+
+    def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        factory = self._runner.server
+        if factory is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors or memory: stop accepting for a moment instead
+                    # of spinning on a listen socket that stays readable
+                    log.warning("cannot accept connections: %s; pausing for 0.5s", exc)
+                    loop.remove_reader(sock.fileno())
+                    loop.call_later(0.5, self._resume, sock)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(_attach(loop, factory, conn))
+            self._attaching.add(task)
+            task.add_done_callback(self._attaching.discard)
+
+    def _resume(self, sock: socket.socket) -> None:
+        if sock.fileno() != -1:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+
+
+async def _attach(loop: asyncio.AbstractEventLoop, factory: Any, conn: socket.socket) -> None:
+    try:
+        await loop.connect_accepted_socket(factory, conn)
+    except OSError as exc:
+        log.debug("dropped an accepted connection: %s", exc)
+        conn.close()
+
+
+async def _bind(
+    loop: asyncio.AbstractEventLoop, host: str | None, port: int, backlog: int
+) -> list[socket.socket]:
+    """Listening sockets for `host`:`port`, as loop.create_server would make them."""
+    infos = await loop.getaddrinfo(
+        host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _canon, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class _AcceptServer(asyncio.AbstractServer):
+    """What BaseSite.stop() and BaseRunner.addresses need of a server: close and sockets."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket]) -> None:
+        self._loop = loop
+        self.sockets = sockets
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            if sock.fileno() != -1:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return any(sock.fileno() != -1 for sock in self.sockets)
+
+    async def start_serving(self) -> None:
+        return None
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        return None
+
+
 class Listener:
     """One listening socket and its server; `port` is the port it got (for port 0)."""
 
@@ -297,7 +419,11 @@ class Listener:
 
     async def start(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.requested_port, backlog=1024)
+        site: web.TCPSite
+        if self.server is not None:
+            site = FairTCPSite(self.runner, self.host, self.requested_port, backlog=1024)
+        else:
+            site = web.TCPSite(self.runner, self.host, self.requested_port, backlog=1024)
         try:
             await site.start()
         except OSError as exc:
