@@ -385,7 +385,7 @@ class Forwarder:
             await response.prepare(request)
             if whole:
                 data = b"".join(_drain_buffer(content))
-                if transport is not None:
+                if transport is not None and not _fits(transport, data):
                     watchdog = _arm(transport, self._write_timeout)
                 await response.write_eof(data)
                 return response
@@ -394,7 +394,7 @@ class Forwarder:
                 chunk = await content.readany()
                 if not chunk:
                     break
-                if transport is None:
+                if transport is None or _fits(transport, chunk):
                     await write(chunk)
                     continue
                 # only a stalled write is timed, never the wait for the app's next bytes
@@ -429,6 +429,15 @@ def _drain_buffer(content: StreamReader) -> list[bytes]:
         if not chunk:
             return chunks
         chunks.append(chunk)
+
+
+# A write this small into a transport buffer this empty cannot reach the transport's high
+# water mark (64 KiB), so it cannot wait for the client: no watchdog needed.
+_SMALL_WRITE = 16 * 1024
+
+
+def _fits(transport: asyncio.BaseTransport, data: bytes) -> bool:
+    return len(data) < _SMALL_WRITE and transport.get_write_buffer_size() < _SMALL_WRITE  # type: ignore[attr-defined]
 
 
 def _arm(transport: asyncio.BaseTransport, seconds: float) -> asyncio.TimerHandle:

@@ -357,7 +357,7 @@ async def _send_body(conn: ResponseHandler, body: AsyncIterable[bytes], chunked:
 def request_head(method: str, path: str, headers: CIMultiDict[str], endpoint: str, has_body: bool) -> bytes:
     """The request line and headers, with the framing of the body. Raises BadRequestHead."""
     lines = [f"{method} {path} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    lines += [f"{name}: {value}" for name, value in headers.items()]
     if "Host" not in headers:
         lines.append(f"Host: {endpoint}")
     if has_body:
