@@ -139,12 +139,15 @@ class Pool:
         """An idle connection, a new one, or the next one released. Raises ConnectTimeout,
         HeadTimeout (the per-try `deadline` passed first) or OSError."""
         idle = self._idle
-        while idle:
-            conn, _expires = idle.pop()
-            if conn.is_connected():
-                return conn
-            self._lost(conn)
         loop = self._loop
+        if idle:
+            now = loop.time()
+            while idle:
+                conn, expires = idle.pop()
+                if expires > now and conn.is_connected():
+                    return conn
+                conn.close()
+                self._lost(conn)
         connect_by = loop.time() + self._connect_timeout
         if self.size >= self._max:
             waiter: asyncio.Future[ResponseHandler | None] = loop.create_future()
