@@ -41,6 +41,7 @@ from .supervise import AppProcess, AppStartError
 log = logging.getLogger("sidecar")
 
 EXIT_CRASH = 1
+DUPLICATE_SIGNAL_WINDOW = 0.5
 EXIT_APP_NOT_FOUND = 127
 
 
@@ -246,16 +247,21 @@ class Sidecar:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        signals_seen = 0
+        first_signal: tuple[int, float] | None = None
 
         def on_signal(signum: int) -> None:
-            nonlocal signals_seen
-            signals_seen += 1
-            if signals_seen > 1:
+            nonlocal first_signal
+            now = loop.time()
+            if first_signal is not None:
+                # `timeout`, shells and some init systems signal the process and then its
+                # group: the same signal twice within a moment is one stop request.
+                if first_signal[0] == signum and now - first_signal[1] < DUPLICATE_SIGNAL_WINDOW:
+                    return
                 log.warning("second %s: exiting at once", signal.Signals(signum).name)
                 if self.app is not None:
                     self.app.signal(signal.SIGKILL)
                 os._exit(128 + signum)
+            first_signal = (signum, now)
             log.info("%s received: draining", signal.Signals(signum).name)
             self.request_stop(signal.Signals(signum).name)
 
