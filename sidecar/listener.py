@@ -270,8 +270,10 @@ class Listener:
         *,
         limits: ServerLimits | None = None,
         sidecar_name: str = "micro-sidecar",
+        reuse_port: bool = False,
     ) -> None:
         self.name = name
+        self.reuse_port = reuse_port
         self.host = host
         self.requested_port = port
         self.server: SidecarServer | None = None
@@ -297,7 +299,9 @@ class Listener:
 
     async def start(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.requested_port, backlog=1024)
+        site = web.TCPSite(
+            self.runner, self.host, self.requested_port, backlog=1024, reuse_port=self.reuse_port or None
+        )
         try:
             await site.start()
         except OSError as exc:
