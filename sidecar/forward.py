@@ -321,15 +321,18 @@ class Forwarder:
                 raise RequestTimeout(f"no request body bytes for {self._body_timeout:g}s")
             return await self._relay(request, upstream, request_id)
         finally:
-            if _short_keepalive(upstream.headers, self._keepalive_timeout):
-                upstream.close()  # the app would close it before our pool reuses it
-            else:
-                upstream.release()
+            upstream.release()
             self._done(_endpoint_of(upstream))
 
     async def _relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
     ) -> web.StreamResponse:
+        if _short_keepalive(upstream.headers, self._keepalive_timeout):
+            # The peer closes idle connections sooner than our pool would reuse them: mark
+            # this one to be closed, not pooled, when its body ends (aiohttp pools it at EOF).
+            connection = upstream.connection
+            if connection is not None and connection.protocol is not None:
+                connection.protocol.force_close()
         codings = upstream.headers.getall("Transfer-Encoding", ())
         if codings and [t.strip().lower() for v in codings for t in v.split(",")] != ["chunked"]:
             # We cannot know where such a body ends (RFC 9112 section 6.3): refuse it.
