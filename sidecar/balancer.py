@@ -28,6 +28,9 @@ from .registry.base import Instance
 from .retry import FailureKind
 
 BalancerKind = Literal["p2c", "round_robin"]
+# Above this many instances a pick draws a few endpoints instead of scanning them all.
+SCAN_LIMIT = 64
+DRAWS = 16
 BALANCER_KINDS: tuple[BalancerKind, ...] = ("p2c", "round_robin")
 
 # What became of a leased request: an HTTP status when the endpoint answered (5xx counts
@@ -209,6 +212,12 @@ class Balancer:
 
     def _pick(self, service: str, svc: _Service, exclude: Collection[str]) -> EndpointStats:
         now = self.now()
+        if len(svc.ids) > SCAN_LIMIT:
+            # Large services: a few random (or next-in-turn) draws instead of a scan, so
+            # the cost of a pick does not grow with the number of instances.
+            drawn = self._draw(service, svc, exclude, now)
+            if drawn is not None:
+                return drawn
         every = [svc.stats[i] for i in svc.ids]
         candidates = [s for s in every if not s.ejected(now) and s.instance.id not in exclude]
         if not candidates:
@@ -217,6 +226,16 @@ class Balancer:
 
     def _choose(self, service: str, candidates: list[EndpointStats]) -> EndpointStats:
         raise NotImplementedError
+
+    def _draw(
+        self, service: str, svc: _Service, exclude: Collection[str], now: float
+    ) -> EndpointStats | None:
+        """A pick without scanning every endpoint, or None to fall back to the scan."""
+        return None
+
+    @staticmethod
+    def _eligible(stats: EndpointStats, exclude: Collection[str], now: float) -> bool:
+        return not stats.ejected(now) and stats.instance.id not in exclude
 
     def _eject(self, service: str, svc: _Service, stats: EndpointStats, now: float) -> None:
         allowed = math.floor(len(svc.ids) * self.max_ejection_percent / 100.0)
@@ -294,6 +313,19 @@ class P2C(Balancer):
         a, b = self.rng.sample(candidates, 2)
         return b if b.outstanding < a.outstanding else a
 
+    def _draw(
+        self, service: str, svc: _Service, exclude: Collection[str], now: float
+    ) -> EndpointStats | None:
+        ids, found = svc.ids, []
+        for _ in range(DRAWS):
+            stats = svc.stats[ids[self.rng.randrange(len(ids))]]
+            if self._eligible(stats, exclude, now) and stats not in found:
+                found.append(stats)
+                if len(found) == 2:
+                    a, b = found
+                    return b if b.outstanding < a.outstanding else a
+        return None
+
 
 class RoundRobin(Balancer):
     """One counter per service; tolerant of the instance list changing between calls."""
@@ -305,6 +337,17 @@ class RoundRobin(Balancer):
         n = svc.cursor
         svc.cursor = n + 1
         return candidates[n % len(candidates)]
+
+    def _draw(
+        self, service: str, svc: _Service, exclude: Collection[str], now: float
+    ) -> EndpointStats | None:
+        ids = svc.ids
+        for _ in range(DRAWS):
+            stats = svc.stats[ids[svc.cursor % len(ids)]]
+            svc.cursor += 1
+            if self._eligible(stats, exclude, now):
+                return stats
+        return None
 
 
 def make_balancer(kind: BalancerKind = "p2c", **options: Any) -> Balancer:

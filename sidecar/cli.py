@@ -72,6 +72,15 @@ CONSUL_FLAGS = (
     help="Port of the admin listener (0: pick a free one).",
 )
 @click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes sharing the inbound and outbound ports (SO_REUSEPORT); one registration.",
+)
+@click.option("--worker-index", type=int, default=0, hidden=True)
+@click.option("--primary-pid", type=int, default=0, hidden=True)
+@click.option(
     "--advertise-address",
     default=None,
     help="Address peers use to reach the inbound listener (default: inbound host, or this host's).",
@@ -289,6 +298,9 @@ def cli(**opts: Any) -> None:
             outbound_port=opts["outbound_port"],
             admin_host=opts["admin_host"],
             admin_port=opts["admin_port"],
+            workers=opts["workers"],
+            worker_index=opts["worker_index"],
+            primary_pid=opts["primary_pid"],
             advertise_address=opts["advertise_address"],
             health_path=opts["health_path"],
             health_interval=opts["health_interval"],

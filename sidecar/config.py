@@ -61,6 +61,9 @@ class ListenConfig:
     outbound_port: int
     admin_host: str
     admin_port: int
+    workers: int = 1  # processes sharing the inbound and outbound ports
+    worker_index: int = 0  # 0: the primary (registers, admin, app); >0: a forwarding worker
+    primary_pid: int = 0  # in a worker: the primary process to outlive by no more than a moment
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +245,9 @@ def build_config(
     outbound_port: int = DEFAULT_OUTBOUND_PORT,
     admin_host: str = "127.0.0.1",
     admin_port: int = DEFAULT_ADMIN_PORT,
+    workers: int = 1,
+    worker_index: int = 0,
+    primary_pid: int = 0,
     advertise_address: str | None = None,
     health_path: str = "/health",
     health_interval: float = 2.0,
@@ -289,6 +295,12 @@ def build_config(
     _port("--outbound-port", outbound_port)
     _host("--admin-host", admin_host)
     _port("--admin-port", admin_port)
+    if not 1 <= workers <= 256:
+        raise ConfigError("--workers", f"{workers} must be between 1 and 256")
+    if worker_index < 0:
+        raise ConfigError("--worker-index", "must be >= 0")
+    if workers > 1 and (inbound_port == 0 or outbound_port == 0) and worker_index == 0:
+        pass  # the primary binds first and hands the ports it got to the workers
     if health_path and not health_path.startswith("/"):
         raise ConfigError("--health-path", f"{health_path!r} must start with '/' (or be empty for TCP)")
     _positive("--health-interval", health_interval)
@@ -384,6 +396,9 @@ def build_config(
             outbound_port=outbound_port,
             admin_host=admin_host,
             admin_port=admin_port,
+            workers=workers,
+            worker_index=worker_index,
+            primary_pid=primary_pid,
         ),
         service=ServiceConfig(
             name=name,

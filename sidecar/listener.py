@@ -275,7 +275,7 @@ class FairTCPSite(web.TCPSite):
     async def start(self) -> None:
         await web.BaseSite.start(self)
         loop = asyncio.get_running_loop()
-        sockets = await _bind(loop, self._host, self._port, self._backlog)
+        sockets = await _bind(loop, self._host, self._port, self._backlog, bool(self._reuse_port))
         self._listening = sockets
         self._attaching: set[asyncio.Task[Any]] = set()
         for sock in sockets:
@@ -322,7 +322,7 @@ async def _attach(loop: asyncio.AbstractEventLoop, factory: Any, conn: socket.so
 
 
 async def _bind(
-    loop: asyncio.AbstractEventLoop, host: str | None, port: int, backlog: int
+    loop: asyncio.AbstractEventLoop, host: str | None, port: int, backlog: int, reuse_port: bool = False
 ) -> list[socket.socket]:
     """Listening sockets for `host`:`port`, as loop.create_server would make them."""
     infos = await loop.getaddrinfo(
@@ -338,6 +338,8 @@ async def _bind(
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # --workers: several processes share this port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
@@ -392,8 +394,10 @@ class Listener:
         *,
         limits: ServerLimits | None = None,
         sidecar_name: str = "micro-sidecar",
+        reuse_port: bool = False,
     ) -> None:
         self.name = name
+        self.reuse_port = reuse_port
         self.host = host
         self.requested_port = port
         self.server: SidecarServer | None = None
@@ -421,7 +425,9 @@ class Listener:
         await self.runner.setup()
         site: web.TCPSite
         if self.server is not None:
-            site = FairTCPSite(self.runner, self.host, self.requested_port, backlog=1024)
+            site = FairTCPSite(
+                self.runner, self.host, self.requested_port, backlog=1024, reuse_port=self.reuse_port or None
+            )
         else:
             site = web.TCPSite(self.runner, self.host, self.requested_port, backlog=1024)
         try:

@@ -37,10 +37,12 @@ from .outbound import Outbound, RetryPolicy
 from .registration import Registration
 from .registry.base import CheckSpec, Instance, Registry, RegistryError
 from .supervise import AppProcess, AppStartError
+from .workers import Workers, watch_primary
 
 log = logging.getLogger("sidecar")
 
 EXIT_CRASH = 1
+DUPLICATE_SIGNAL_WINDOW = 0.5
 EXIT_APP_NOT_FOUND = 127
 
 
@@ -136,6 +138,7 @@ class Sidecar:
                 grace,
                 limits=server_limits,
                 sidecar_name=name,
+                reuse_port=listen.workers > 1 or listen.worker_index > 0,
             ),
             "outbound": Listener(
                 "outbound",
@@ -145,9 +148,15 @@ class Sidecar:
                 grace,
                 limits=server_limits,
                 sidecar_name=name,
+                reuse_port=listen.workers > 1 or listen.worker_index > 0,
             ),
-            "admin": Listener("admin", self.admin.app(), listen.admin_host, listen.admin_port, 1.0),
         }
+        self.is_worker = listen.worker_index > 0
+        if not self.is_worker:
+            self.listeners["admin"] = Listener(
+                "admin", self.admin.app(), listen.admin_host, listen.admin_port, 1.0
+            )
+        self.workers: Workers | None = None
         self.registration: Registration | None = None
         self.app: AppProcess | None = None
         self.stop_reason: str | None = None
@@ -181,6 +190,7 @@ class Sidecar:
             "stopping": self.stopping,
             "config": self.config.summary(),
             "ports": {name: listener.port for name, listener in self.listeners.items()},
+            "workers": self.workers.pids if self.workers else [],
             "addresses": {name: f"{lst.host}:{lst.port}" for name, lst in self.listeners.items()},
             "registry": self.registry.describe(),
             "registration": self.registration.describe() if self.registration else None,
@@ -246,16 +256,23 @@ class Sidecar:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        signals_seen = 0
+        first_signal: tuple[int, float] | None = None
 
         def on_signal(signum: int) -> None:
-            nonlocal signals_seen
-            signals_seen += 1
-            if signals_seen > 1:
+            nonlocal first_signal
+            now = loop.time()
+            if first_signal is not None:
+                # `timeout`, shells and some init systems signal the process and then its
+                # group: the same signal twice within a moment is one stop request.
+                if first_signal[0] == signum and now - first_signal[1] < DUPLICATE_SIGNAL_WINDOW:
+                    return
                 log.warning("second %s: exiting at once", signal.Signals(signum).name)
                 if self.app is not None:
                     self.app.signal(signal.SIGKILL)
+                if self.workers is not None:
+                    self.workers.kill()
                 os._exit(128 + signum)
+            first_signal = (signum, now)
             log.info("%s received: draining", signal.Signals(signum).name)
             self.request_stop(signal.Signals(signum).name)
 
@@ -280,6 +297,8 @@ class Sidecar:
             await self._close()
             return 2
         cfg = self.config
+        if self.is_worker:
+            return await self._run_worker()
         log.info(
             "micro-sidecar %s for service %r: inbound %s:%d -> app %s:%d, outbound %s:%d, admin %s:%d, "
             "registry %s",
@@ -297,6 +316,9 @@ class Sidecar:
         )
         check = CheckSpec(ttl=cfg.registry.ttl, deregister_after=cfg.registry.deregister_after)
         self.registration = Registration(self.registry, self._instance(), check, self.health)
+        if cfg.listen.workers > 1:
+            self.workers = Workers(cfg.listen.workers, sys.argv[1:], cfg.command)
+            await self.workers.start(self.listeners["inbound"].port, self.listeners["outbound"].port)
 
         parts: dict[str, asyncio.Task[Any]] = {
             "health checker": asyncio.create_task(self.health.run(), name="health"),
@@ -338,6 +360,35 @@ class Sidecar:
         code = await self._shutdown(parts)
         return exit_code if code is None else code
 
+    async def _run_worker(self) -> int:
+        """A forwarding worker of `--workers N`: no registration, no admin, no app."""
+        log.info(
+            "worker %d of %r (pid %d): inbound port %d, outbound port %d",
+            self.config.listen.worker_index,
+            self.config.service.name,
+            os.getpid(),
+            self.listeners["inbound"].port,
+            self.listeners["outbound"].port,
+        )
+        parts = {
+            "health checker": asyncio.create_task(self.health.run(), name="health"),
+            "primary": asyncio.create_task(watch_primary(self.config.listen.primary_pid), name="primary"),
+        }
+        stop_wait = asyncio.create_task(self._stop.wait(), name="stop")
+        done, _ = await asyncio.wait([stop_wait, *parts.values()], return_when=asyncio.FIRST_COMPLETED)
+        if parts["primary"] in done:
+            self.request_stop("the primary process is gone")
+        stop_wait.cancel()
+        self.stopping = True
+        await self.listeners["inbound"].stop()
+        await self.listeners["outbound"].stop()
+        for task in parts.values():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._close()
+        return 0
+
     async def _shutdown(self, parts: dict[str, asyncio.Task[Any]]) -> int | None:
         """The ordered stop; returns the app's exit code when it was stopped here."""
         self.stopping = True
@@ -350,12 +401,17 @@ class Sidecar:
         # connection.
         if lifecycle.drain_delay > 0:
             await asyncio.sleep(lifecycle.drain_delay)
+        workers_done = (
+            asyncio.create_task(self.workers.stop(lifecycle.grace_period + 1.0)) if self.workers else None
+        )
         await self.listeners["inbound"].stop()
         app_code: int | None = None
         if self.app is not None and self.app.proc is not None and self.app.proc.returncode is None:
             app_code = await self.app.stop(timeout=max(lifecycle.grace_period, 1.0))
             app_code = app_code if app_code is None or app_code >= 0 else 0
         await self.listeners["outbound"].stop()
+        if workers_done is not None:
+            await workers_done
         for part in ("registration", "health checker"):
             parts[part].cancel()
         for task in parts.values():

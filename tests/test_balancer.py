@@ -320,3 +320,41 @@ def test_repr_shows_live_state():
     assert repr(b) == "<P2C services=1 endpoints=3 outstanding=1 ejected=1>"
     assert repr(lease).startswith("<Lease svc -> svc-") and repr(lease).endswith(" open>")
     assert repr(RoundRobin()).startswith("<RoundRobin services=0")
+
+
+# -- large services: picks draw a few endpoints instead of scanning them all -------------
+
+MANY = tuple(inst(n, 20000 + n) for n in range(10_000))
+
+
+@pytest.mark.parametrize("kind", ["p2c", "round_robin"])
+def test_large_service_spreads_picks_and_avoids_ejected_and_excluded(kind):
+    b, _ = make(kind, failures=1)
+    for i in range(0, 200, 2):  # eject 100 endpoints (well under the 50% cap)
+        others = [x.id for x in MANY[:300] if x.id != MANY[i].id]
+        lease = b.acquire("big", MANY[:300], exclude=others)
+        b.release(lease, "connect_failure")
+    ejected = {d["id"] for d in b.describe("big") if d["health"] == "ejected"}
+    assert len(ejected) == 100
+    picked = Counter()
+    exclude = {MANY[1].id, MANY[3].id}
+    for _ in range(3000):
+        lease = b.acquire("big", MANY[:300], exclude=exclude)
+        picked[lease.instance.id] += 1
+        b.release(lease, 200)
+    assert not set(picked) & ejected
+    assert not set(picked) & exclude
+    assert len(picked) > 150  # spread over the remaining endpoints, not stuck on a few
+
+
+def test_p2c_draws_prefer_the_less_loaded_of_two():
+    b, _ = make("p2c")
+    busy = [b.acquire("big", MANY) for _ in range(200)]  # hold 200 leases open
+    held = Counter(lease.instance.id for lease in busy)
+    fresh = [b.acquire("big", MANY) for _ in range(200)]
+    # a loaded endpoint is picked again only if both draws hit loaded ones
+    again = sum(1 for lease in fresh if lease.instance.id in held)
+    assert again < 10
+    for lease in busy + fresh:
+        b.release(lease, 200)
+    assert b.outstanding("big") == 0

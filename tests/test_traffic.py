@@ -304,3 +304,32 @@ def test_access_log_lines_are_json_without_query_strings(backends, caller, regis
     assert len(entry["trace_id"]) == 32
     code, body = get_json(f"{sc.admin}/status")
     assert code == 200 and "log" in body["upstreams"]
+
+
+def test_endpoint_set_change_does_not_drop_in_flight_requests(backends, caller, registry_path):
+    slow = backends("127.0.0.2", "slow", delay=1.0)
+    register(registry_path, "moving", [slow])
+    sc = caller()
+    assert http("GET", f"{sc.outbound}/moving/warm", timeout=10)[0] == 200
+    results: list[int] = []
+    t = threading.Thread(target=lambda: results.append(http("GET", f"{sc.outbound}/moving/x", timeout=10)[0]))
+    t.start()
+    time.sleep(0.3)  # the request is in flight at the slow instance
+
+    async def replace() -> None:  # discovery now sees a different instance set
+        reg = LocalRegistry(registry_path)
+        await reg.deregister("moving-0")
+        other = backends("127.0.0.3")
+        inst = Instance(id="moving-1", name="moving", address="127.0.0.3", port=other.port)
+        await reg.register(inst, CheckSpec(ttl=300, deregister_after=300), "passing", "test")
+        await reg.close()
+
+    asyncio.run(replace())
+    wait_for(
+        lambda: [i["id"] for i in sc.status()["upstreams"]["moving"]["instances"]] == ["moving-1"],
+        5,
+        what="discovery applied the new set",
+    )
+    t.join(10)
+    assert results == [200], "the in-flight request was dropped when its endpoint left the set"
+    assert http("GET", f"{sc.outbound}/moving/after")[0] == 200
