@@ -208,8 +208,15 @@ class Forwarder:
                 keepalive_timeout=self._keepalive_timeout,
                 connect_timeout=self._connect_timeout,
                 read_timeout=self._request_timeout,
+                on_empty=self._drop_pool,
             )
         return pool
+
+    def _drop_pool(self, pool: Pool) -> None:
+        """An endpoint's pool holds nothing any more: forget it, so that instances that come
+        and go do not grow the dict for the life of the process."""
+        if self._pools is not None and self._pools.get(pool.endpoint) is pool:
+            del self._pools[pool.endpoint]
 
     async def forward(
         self,

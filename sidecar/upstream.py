@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 from aiohttp.client_exceptions import ClientConnectionResetError, ClientPayloadError
@@ -116,8 +116,10 @@ class Pool:
         keepalive_timeout: float,
         connect_timeout: float,
         read_timeout: float,
+        on_empty: Callable[[Pool], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._on_empty = on_empty
         self.host, self.port = split_endpoint(endpoint)
         self._loop = asyncio.get_running_loop()
         self._max = max_connections
@@ -228,6 +230,11 @@ class Pool:
     def _lost(self, conn: ResponseHandler) -> None:
         self.size -= 1
         self._wake()
+        self._maybe_empty()
+
+    def _maybe_empty(self) -> None:
+        if self.size == 0 and not self._idle and not self._waiters and self._on_empty is not None:
+            self._on_empty(self)
 
     def _wake(self) -> None:
         """A slot is free: let the first waiter connect."""
@@ -249,6 +256,8 @@ class Pool:
             self._lost(conn)
         if idle:
             self._cleanup = self._loop.call_at(idle[0][1], self._expire)
+        else:
+            self._maybe_empty()
 
     def close(self) -> None:
         self.closed = True
