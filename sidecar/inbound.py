@@ -7,13 +7,12 @@ import time
 from aiohttp import web
 
 from . import tracing
-from .accesslog import AccessLog
 from .deadline import TIMEOUT_HEADER
 from .deadline import from_headers as deadline_from
 from .errors import AppUnhealthy, SidecarError, error_response
 from .forward import REQUEST_ID, Forwarder, request_headers
 from .health import HealthChecker
-from .metrics import Metrics
+from .observe import Observer
 from .tunnel import is_upgrade, tunnel
 
 
@@ -25,8 +24,7 @@ class Inbound:
         app_port: int,
         health: HealthChecker,
         forwarder: Forwarder,
-        metrics: Metrics,
-        access_log: AccessLog,
+        observer: Observer,
         request_timeout: float,
         connect_timeout: float = 2.0,
         tunnel_idle_timeout: float = 300.0,
@@ -38,8 +36,8 @@ class Inbound:
         self.app_endpoint = f"{host}:{app_port}"
         self.health = health
         self.forwarder = forwarder
-        self.metrics = metrics
-        self.access_log = access_log
+        self.observer = observer
+        self.metrics = observer.metrics
         self.request_timeout = request_timeout
         self.requests = 0
 
@@ -83,17 +81,14 @@ class Inbound:
                     )
             except SidecarError as err:
                 response = error_response(err, self.name, request.headers.get(REQUEST_ID))
-        duration = time.monotonic() - started
-        self.metrics.observe_request("inbound", self.name, request.method, response.status, duration)
-        self.access_log.log(
-            direction="inbound",
-            method=request.method,
-            target=request.raw_path,
-            status=response.status,
-            duration=duration,
+        self.observer.finished(
+            "inbound",
+            request,
+            response.status,
+            started,
+            trace,
             service=self.name,
             instance=self.app_endpoint,
             request_id=response.headers.get(REQUEST_ID) or request.headers.get(REQUEST_ID),
-            trace_id=trace.trace_id,
         )
         return response

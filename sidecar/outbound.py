@@ -18,7 +18,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import tracing
-from .accesslog import AccessLog
 from .balancer import Balancer, Outcome
 from .deadline import Deadline
 from .deadline import from_headers as deadline_from
@@ -34,7 +33,7 @@ from .errors import (
     error_response,
 )
 from .forward import REQUEST_ID, Forwarder, ForwardError, request_headers
-from .metrics import Metrics
+from .observe import Observer
 from .registry.base import Instance
 from .retry import FailureKind, ReplayBuffer, RetryBudget, backoff_delay, response_failure, retry_eligible
 from .tunnel import is_upgrade, tunnel
@@ -126,8 +125,7 @@ class Outbound:
         forwarder: Forwarder,
         balancer: Balancer,
         policy: RetryPolicy,
-        metrics: Metrics,
-        access_log: AccessLog,
+        observer: Observer,
         connect_timeout: float = 2.0,
         tunnel_idle_timeout: float = 300.0,
     ) -> None:
@@ -138,8 +136,8 @@ class Outbound:
         self.forwarder = forwarder
         self.balancer = balancer
         self.policy = policy
-        self.metrics = metrics
-        self.access_log = access_log
+        self.observer = observer
+        self.metrics = observer.metrics
         self.budgets: dict[str, RetryBudget] = {}
         self.requests = 0
 
@@ -170,19 +168,16 @@ class Outbound:
                 if isinstance(err, (UnknownService, BadRequest, MisdirectedRequest)):
                     service = "-"  # a name nobody registered never becomes a metric label
                 response = error_response(err, self.name, request.headers.get(REQUEST_ID))
-        duration = time.monotonic() - started
-        self.metrics.observe_request("outbound", service, request.method, response.status, duration)
-        self.access_log.log(
-            direction="outbound",
-            method=request.method,
-            target=request.raw_path,
-            status=response.status,
-            duration=duration,
+        self.observer.finished(
+            "outbound",
+            request,
+            response.status,
+            started,
+            trace,
             service=service,
             instance=call.instance,
-            attempts=call.attempts,
             request_id=call.request_id or request.headers.get(REQUEST_ID),
-            trace_id=trace.trace_id,
+            attempts=call.attempts,
         )
         return response
 

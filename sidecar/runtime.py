@@ -33,10 +33,12 @@ from .health import HealthChecker
 from .inbound import Inbound
 from .listener import Listener, ServerLimits
 from .metrics import Metrics
+from .observe import Observer
 from .outbound import Outbound, RetryPolicy
 from .registration import Registration
 from .registry.base import CheckSpec, Instance, Registry, RegistryError
 from .supervise import AppProcess, AppStartError
+from .tracing import span_exporter
 from .workers import Workers, watch_primary
 
 log = logging.getLogger("sidecar")
@@ -79,6 +81,8 @@ class Sidecar:
         self.metrics_registry = Metrics()
         self.metrics_registry.on_scrape(self._refresh_metrics)
         self.access_log = AccessLog(traffic.access_log)
+        self.exporter = span_exporter(config.service.name)
+        self.observer = Observer(self.metrics_registry, self.access_log, self.exporter)
         self.balancer = make_balancer(
             traffic.balancer,
             failures=traffic.outlier_failures,
@@ -94,8 +98,7 @@ class Sidecar:
             app_cfg.port,
             self.health,
             self.inbound_forwarder,
-            self.metrics_registry,
-            self.access_log,
+            self.observer,
             app_cfg.request_timeout,
             connect_timeout=traffic.connect_timeout,
             tunnel_idle_timeout=lim.tunnel_idle_timeout,
@@ -113,8 +116,7 @@ class Sidecar:
             self.outbound_forwarder,
             self.balancer,
             policy,
-            self.metrics_registry,
-            self.access_log,
+            self.observer,
             connect_timeout=traffic.connect_timeout,
             tunnel_idle_timeout=lim.tunnel_idle_timeout,
         )
@@ -425,6 +427,9 @@ class Sidecar:
         return 0 if app_code is not None else None
 
     async def _close(self) -> None:
+        if self.exporter is not None:
+            await asyncio.to_thread(self.exporter.shutdown)  # flush queued spans
+            self.exporter = None
         await self.discovery.close()
         await self.inbound_forwarder.close()
         await self.outbound_forwarder.close()
