@@ -1,0 +1,1 @@
+"""Registry backends: the interface (base), the embedded SQLite registry (local), Consul (consul)."""
