@@ -370,6 +370,8 @@ class ConsulRegistry(Registry):
         self._ssl_arg = _ssl_context(settings)  # fails early on a bad CA or client certificate
         self._client: _AgentClient | None = None
         self._names: dict[str, str] = {}  # instance id -> service name, for ACL messages
+        # service name -> instance id -> (what identifies its version, the Instance built)
+        self._seen: dict[str, dict[str, tuple[object, Instance]]] = {}
 
     def __repr__(self) -> str:
         state = "open" if self._client is not None else "closed"
@@ -482,7 +484,7 @@ class ConsulRegistry(Registry):
         if resp.code == 404:
             raise RegistryError(f"consul at {self._settings.hostport} answered 404 to {op}")
         new_index = self._index(resp, op)
-        instances = tuple(self._instance(entry, name, op) for entry in self._json_list(resp, op))
+        instances = self._instances(name, self._json_list(resp, op), op)
         if instances:
             return QueryResult(index=new_index, known=True, instances=instances)
         if resp.headers.get("X-Consul-Results-Filtered-By-ACLs", "").lower() == "true":
@@ -501,6 +503,31 @@ class ConsulRegistry(Registry):
         )
         known = cat.code != 404 and bool(self._json_list(cat, f"looking up {name!r} in the catalog"))
         return QueryResult(index=new_index, known=known, instances=())
+
+    def _instances(self, name: str, entries: list[Any], op: str) -> tuple[Instance, ...]:
+        """Instances from health entries, reusing the ones whose Service.ModifyIndex (and node
+        address) did not change since the last answer: a 10,000-instance service changes a
+        few entries at a time, and building every Instance again dominated the update."""
+        previous = self._seen.get(name, {})
+        current: dict[str, tuple[object, Instance]] = {}
+        out = []
+        for entry in entries:
+            try:
+                service = entry["Service"]
+                key = (service.get("ModifyIndex"), (entry.get("Node") or {}).get("Address"))
+                seen = previous.get(service["ID"])
+            except (KeyError, TypeError, AttributeError):
+                raise RegistryUnavailable(
+                    f"consul at {self._settings.hostport} answered {op} with a malformed entry"
+                ) from None
+            if seen is not None and key[0] is not None and seen[0] == key:
+                instance = seen[1]
+            else:
+                instance = self._instance(entry, name, op)
+            current[instance.id] = (key, instance)
+            out.append(instance)
+        self._seen[name] = current
+        return tuple(out)
 
     def describe(self) -> dict[str, object]:
         s = self._settings
