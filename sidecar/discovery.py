@@ -14,7 +14,7 @@ import logging
 import time
 
 from .backoff import Backoff
-from .errors import NoHealthyInstance, RegistryUnavailableError, UnknownService
+from .errors import DiscoveryLimit, NoHealthyInstance, RegistryUnavailableError, UnknownService
 from .registry.base import Instance, Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,11 @@ class Discovery:
         wait: float = 30.0,
         idle_after: float = 600.0,
         first_answer_timeout: float = 5.0,
+        unknown_idle_after: float = 30.0,
+        max_watches: int = 1024,
     ) -> None:
+        self.unknown_idle_after = unknown_idle_after
+        self.max_watches = max_watches
         self.registry = registry
         self.wait = wait
         self.idle_after = idle_after
@@ -97,6 +101,10 @@ class Discovery:
 
     def _start(self, name: str) -> Watch:
         old = self.watches.get(name)
+        if old is None and len(self.watches) >= self.max_watches:
+            # Every name an app asks for costs a watcher; an app (or a bug in it) asking
+            # for endless distinct names must not turn into endless registry queries.
+            raise DiscoveryLimit(f"already watching {len(self.watches)} services; not looking up {name!r}")
         watch = Watch(name)
         if old is not None:  # keep what we knew while the new watcher starts
             watch.instances, watch.known, watch.updated_at = old.instances, old.known, old.updated_at
@@ -108,7 +116,9 @@ class Discovery:
 
     async def _watch(self, watch: Watch) -> None:
         backoff = Backoff(base=0.2, cap=10.0)
-        while time.monotonic() - watch.last_used < self.idle_after:
+        while time.monotonic() - watch.last_used < (
+            self.idle_after if watch.known else self.unknown_idle_after
+        ):
             try:
                 result = await self.registry.query(watch.name, watch.index, self.wait)
             except RegistryError as exc:
@@ -142,6 +152,8 @@ class Discovery:
             watch.updated_wall = time.time()
             watch.ready.set()
         log.debug("discovery of %r idle, stopping its watcher", watch.name)
+        if self.watches.get(watch.name) is watch:
+            del self.watches[watch.name]
 
     def describe(self) -> dict[str, object]:
         return {name: watch.describe() for name, watch in sorted(self.watches.items())}

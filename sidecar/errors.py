@@ -103,6 +103,11 @@ class RequestTimeout(SidecarError):
     close_connection = True
 
 
+class DiscoveryLimit(SidecarError):
+    status = 503
+    code = "too_many_services"
+
+
 class UpstreamPoolFull(SidecarError):
     status = 503
     code = "upstream_pool_full"
