@@ -22,9 +22,13 @@ class SidecarError(Exception):
     # The request's bytes can no longer be trusted to frame the next one: close after answering.
     close_connection = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if status is not None:  # for answers without a class of their own (parse errors)
+            self.status = status
+        if code is not None:
+            self.code = code
 
 
 class UnknownService(SidecarError):
@@ -130,17 +134,19 @@ class RegistryUnavailableError(SidecarError):
     code = "registry_unavailable"
 
 
-def error_response(err: SidecarError, sidecar_name: str, request_id: str | None = None) -> web.Response:
+def error_body(err: SidecarError, sidecar_name: str, request_id: str | None = None) -> bytes:
     body = {"error": err.code, "message": err.message, "sidecar": sidecar_name}
-    headers = {ERROR_HEADER: err.code}
+    if request_id:
+        body["request_id"] = request_id
+    return json.dumps(body).encode() + b"\n"
+
+
+def error_response(err: SidecarError, sidecar_name: str, request_id: str | None = None) -> web.Response:
+    headers = {ERROR_HEADER: err.code, "Content-Type": "application/json"}
     if request_id:
         headers["X-Request-Id"] = request_id
-        body["request_id"] = request_id
     response = web.Response(
-        status=err.status,
-        text=json.dumps(body) + "\n",
-        content_type="application/json",
-        headers=headers,
+        status=err.status, body=error_body(err, sidecar_name, request_id), headers=headers
     )
     if err.close_connection:
         response.force_close()

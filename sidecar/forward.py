@@ -183,10 +183,14 @@ class Forwarder:
         # app does and never race it with a request
         self._keepalive_timeout = keepalive_timeout
         self._pools: dict[str, Pool] | None = None
-        self.active = 0
 
     def __repr__(self) -> str:
         return f"<Forwarder active={self.active} open={self._pools is not None}>"
+
+    @property
+    def active(self) -> int:
+        """Requests between open() and the end of their relay (or their failure)."""
+        return sum(self._in_flight.values())
 
     async def start(self) -> None:
         self._pools = {}
@@ -285,7 +289,6 @@ class Forwarder:
         except BadRequestHead as exc:
             raise ForwardError("refused", BadRequest(str(exc))) from exc
         self._in_flight[endpoint] = in_flight + 1
-        self.active += 1
         opened = False
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
@@ -305,34 +308,17 @@ class Forwarder:
             return response
         except ForwardError:
             raise
-        except (PayloadTooLarge, RequestTimeout) as exc:
-            raise ForwardError("refused", exc) from exc
-        except aiohttp.ClientPayloadError as exc:
-            if isinstance(body, LimitedBody) and body.exceeded:
-                raise ForwardError("refused", PayloadTooLarge(str(exc))) from exc
-            if isinstance(body, LimitedBody) and body.timed_out:
-                raise ForwardError("refused", RequestTimeout("the request body stalled")) from exc
-            raise ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}")) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            error = UpstreamProtocolError(f"{endpoint} closed the connection without answering")
-            raise ForwardError("reset", error) from exc
-        except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
-            raise ForwardError("timeout", UpstreamTimeout(f"timed out waiting for {endpoint}")) from exc
-        except http_exceptions.HttpProcessingError as exc:
-            error = UpstreamProtocolError(f"{endpoint} sent a malformed response: {exc.message}")
-            raise ForwardError("reset", error) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            if isinstance(body, LimitedBody) and body.exceeded:
-                raise ForwardError("refused", PayloadTooLarge("request body over the limit")) from exc
-            if isinstance(body, LimitedBody) and body.timed_out:
-                raise ForwardError("refused", RequestTimeout("the request body stalled")) from exc
-            raise ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}")) from exc
+        except Exception as exc:
+            broken = body.broken() if isinstance(body, LimitedBody) else None
+            failure = ForwardError("refused", broken) if broken is not None else _translate(exc, endpoint)
+            if failure is None:
+                raise
+            raise failure from exc
         finally:
             if not opened:
                 self._done(endpoint)
 
     def _done(self, endpoint: str) -> None:
-        self.active -= 1
         left = self._in_flight.get(endpoint, 1) - 1
         if left > 0:
             self._in_flight[endpoint] = left
@@ -352,10 +338,9 @@ class Forwarder:
         an error about the cut-off body) is dropped and the limit is reported instead.
         """
         try:
-            if body is not None and body.exceeded:
-                raise PayloadTooLarge(f"request body over the {self._max_body}-byte limit")
-            if body is not None and body.timed_out:
-                raise RequestTimeout(f"no request body bytes for {self._body_timeout:g}s")
+            broken = body.broken() if body is not None else None
+            if broken is not None:
+                raise broken
             return await self._relay(request, upstream, request_id)
         finally:
             if _short_keepalive(upstream.headers, self._keepalive_timeout):
@@ -370,8 +355,7 @@ class Forwarder:
         upstream_headers = upstream.headers
         if "Transfer-Encoding" in upstream_headers:
             codings = upstream_headers.getall("Transfer-Encoding")
-            if [t.strip().lower() for v in codings for t in v.split(",")] != ["chunked"]:
-                # We cannot know where such a body ends (RFC 9112 section 6.3): refuse it.
+            if not only_chunked(codings):  # we cannot know where such a body ends
                 raise UpstreamProtocolError(f"the app answered with Transfer-Encoding {', '.join(codings)!r}")
         content = upstream.content
         # A body that arrived whole with its head goes out in one write with the head.
@@ -480,6 +464,15 @@ class LimitedBody:
         self.exceeded = False
         self.timed_out = False
 
+    def broken(self) -> SidecarError | None:
+        """The limit this body broke while streaming (413 or 408), if any: whatever the
+        upstream did next is a consequence, and the caller should see this instead."""
+        if self.exceeded:
+            return PayloadTooLarge(f"request body over the {self._limit}-byte limit")
+        if self.timed_out:
+            return RequestTimeout(f"no request body bytes for {self._timeout:g}s")
+        return None
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
 
@@ -498,6 +491,32 @@ class LimitedBody:
                 self.exceeded = True
                 raise PayloadTooLarge(f"request body over the {self._limit}-byte limit")
             yield chunk
+
+
+def _translate(exc: Exception, endpoint: str) -> ForwardError | None:
+    """The ForwardError for a failure of an exchange with `endpoint`, or None when `exc`
+    is not one (a bug: let it propagate)."""
+    if isinstance(exc, (PayloadTooLarge, RequestTimeout)):
+        return ForwardError("refused", exc)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ForwardError(
+            "reset", UpstreamProtocolError(f"{endpoint} closed the connection without answering")
+        )
+    if isinstance(exc, (aiohttp.SocketTimeoutError, TimeoutError)):
+        return ForwardError("timeout", UpstreamTimeout(f"timed out waiting for {endpoint}"))
+    if isinstance(exc, http_exceptions.HttpProcessingError):
+        return ForwardError(
+            "reset", UpstreamProtocolError(f"{endpoint} sent a malformed response: {exc.message}")
+        )
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}"))
+    return None
+
+
+def only_chunked(codings: list[str]) -> bool:
+    """Whether Transfer-Encoding values are exactly one final `chunked`, the only coding a
+    proxy can frame (RFC 9112 section 6.3)."""
+    return [t.strip().lower() for value in codings for t in value.split(",")] == ["chunked"]
 
 
 def _short_keepalive(headers: CIMultiDictProxy[str], ours: float) -> bool:

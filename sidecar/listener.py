@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import re
 import socket
@@ -35,9 +34,13 @@ from .errors import (
     HeadersTooLarge,
     MethodNotAllowed,
     NotImplementedTransferCoding,
+    RequestTimeout,
     SidecarError,
     VersionNotSupported,
+    error_body,
+    error_response,
 )
+from .forward import only_chunked
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,7 @@ def check_request(request: web.BaseRequest) -> None:
     if codings:
         if version == (1, 0):
             raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
-        tokens = [t.strip().lower() for value in codings for t in value.split(",")]
-        if tokens != ["chunked"]:
+        if not only_chunked(codings):
             raise NotImplementedTransferCoding(
                 f"Transfer-Encoding {', '.join(codings)!r} is not supported; only a single 'chunked'"
             )
@@ -106,17 +108,18 @@ def _parse_error_status(exc: BaseException | None) -> tuple[int, str, str]:
         return 431, "request_headers_too_large", "a request header is too long"
     if "Too many headers" in text:
         return 431, "request_headers_too_large", f"more than {MAX_HEADERS} request headers"
-    if "Invalid HTTP version" in text or "HTTP version" in text:
+    if "HTTP version" in text:
         return 505, "http_version_not_supported", "unsupported HTTP version"
     first = " ".join(text.split())[:200]
     return 400, "bad_request", f"malformed request: {first}"
 
 
-def _raw_error(status: int, reason: str, code: str, message: str, sidecar: str) -> bytes:
-    body = json.dumps({"error": code, "message": message, "sidecar": sidecar}).encode() + b"\n"
+def _raw_error(err: SidecarError, reason: str, sidecar: str) -> bytes:
+    """The answer as bytes, for the moments before aiohttp has a request to answer."""
+    body = error_body(err, sidecar)
     head = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        f"{ERROR_HEADER}: {code}\r\n"
+        f"HTTP/1.1 {err.status} {reason}\r\n"
+        f"{ERROR_HEADER}: {err.code}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
@@ -138,7 +141,11 @@ class SidecarRequestHandler(RequestHandler):
             server.refused += 1
             message = f"over {server.limits.max_connections} connections"
             transport.write(  # type: ignore[attr-defined]
-                _raw_error(503, "Service Unavailable", "too_many_connections", message, server.sidecar_name)
+                _raw_error(
+                    SidecarError(message, status=503, code="too_many_connections"),
+                    "Service Unavailable",
+                    server.sidecar_name,
+                )
             )
             transport.close()
             return
@@ -184,10 +191,8 @@ class SidecarRequestHandler(RequestHandler):
         timeout = self._sidecar_server.limits.header_timeout
         self.transport.write(
             _raw_error(
-                408,
+                RequestTimeout(f"no complete request head within {timeout:g}s"),
                 "Request Timeout",
-                "request_timeout",
-                f"no complete request head within {timeout:g}s",
                 self._sidecar_server.sidecar_name,
             )
         )
@@ -208,13 +213,8 @@ class SidecarRequestHandler(RequestHandler):
         else:
             code, text = "internal_error", "the sidecar failed to handle the request"
             log.error("error handling a request from %s: %r", request.remote, exc)
-        body = {"error": code, "message": text, "sidecar": self._sidecar_server.sidecar_name}
-        response = web.Response(
-            status=status,
-            text=json.dumps(body) + "\n",
-            content_type="application/json",
-            headers={ERROR_HEADER: code},
-        )
+        err = SidecarError(text, status=status, code=code)
+        response = error_response(err, self._sidecar_server.sidecar_name)
         response.force_close()
         return response
 
@@ -245,7 +245,6 @@ class SidecarServer(web.Server):
 
 def guarded(handler: Any, sidecar_name: str) -> Any:
     """Wrap a request handler with `check_request`, answering refusals in the sidecar's format."""
-    from .errors import error_response
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         try:

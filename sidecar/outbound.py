@@ -25,8 +25,6 @@ from .discovery import Discovery
 from .errors import (
     BadRequest,
     MisdirectedRequest,
-    PayloadTooLarge,
-    RequestTimeout,
     SidecarError,
     UnknownService,
     UpstreamTimeout,
@@ -221,11 +219,10 @@ class Outbound:
                     timeout,
                 )
             except ForwardError as err:
-                if limited is not None and (limited.exceeded or limited.timed_out):
+                broken = limited.broken() if limited is not None else None
+                if broken is not None:
                     self.balancer.release(lease, "cancelled")  # the caller broke a limit
-                    if limited.exceeded:
-                        raise PayloadTooLarge("request body over the limit") from err
-                    raise RequestTimeout("the request body stalled") from err
+                    raise broken from err
                 self.balancer.release(lease, _outcome(err))
                 if err.kind != "refused" and self._may_retry(
                     request, service, budget, deadline, call.attempts, _failure_kind(err), None, body

@@ -85,24 +85,20 @@ class UpstreamResponse:
         return f"<UpstreamResponse {self.status} from {self.endpoint}>"
 
     def release(self) -> None:
-        conn = self._conn
-        if conn is None:
-            return
-        self._conn = None
         writer = self._writer
-        reusable = self.content.is_eof() and (writer is None or writer.done())
-        if writer is not None and not writer.done():
-            writer.cancel()
-        self._pool.put(conn, reusable)
+        self._give_back(self.content.is_eof() and (writer is None or writer.done()))
 
     def close(self) -> None:
+        self._give_back(False)
+
+    def _give_back(self, reusable: bool) -> None:
         conn = self._conn
         if conn is None:
             return
         self._conn = None
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
-        self._pool.put(conn, False)
+        self._pool.put(conn, reusable)
 
 
 class Pool:
