@@ -13,10 +13,10 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Literal, TextIO
+from typing import TextIO
 
-AccessLogFormat = Literal["json", "text", "off"]
-ACCESS_LOG_FORMATS: tuple[AccessLogFormat, ...] = ("json", "text", "off")
+from .config import ACCESS_LOG_FORMATS, AccessLogFormat
+
 _MAX_PATH = 2048
 _MAX_FIELD = 128
 

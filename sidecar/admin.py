@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import ERROR_HEADER
+from .errors import SidecarError, error_response
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -35,7 +35,9 @@ class Admin:
         status: Callable[[], dict[str, Any]],
         metrics: Callable[[], tuple[bytes, str]],
         shutdown: Callable[[str], None],
+        name: str = "micro-sidecar",
     ) -> None:
+        self._name = name
         self._ready = ready
         self._status = status
         self._metrics = metrics
@@ -66,11 +68,7 @@ class Admin:
 
     async def shutdown(self, request: web.Request) -> web.Response:
         if not _is_loopback(request.remote):
-            return web.Response(
-                status=403,
-                text=json.dumps({"error": "forbidden", "message": "/shutdown is loopback-only"}) + "\n",
-                content_type="application/json",
-                headers={ERROR_HEADER: "forbidden"},
-            )
+            denied = SidecarError("/shutdown is loopback-only", status=403, code="forbidden")
+            return error_response(denied, self._name)
         self._shutdown("POST /shutdown")
         return _json({"shutting_down": True}, status=202)

@@ -23,15 +23,15 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .config import BALANCER_KINDS, BalancerKind
 from .errors import NoHealthyInstance, SidecarError
 from .registry.base import Instance
 from .retry import FailureKind
 
-BalancerKind = Literal["p2c", "round_robin"]
+# The kinds (and their names for the --lb flag) are config's.
 # Above this many instances a pick draws a few endpoints instead of scanning them all.
 SCAN_LIMIT = 64
 DRAWS = 16
-BALANCER_KINDS: tuple[BalancerKind, ...] = ("p2c", "round_robin")
 
 # What became of a leased request: an HTTP status when the endpoint answered (5xx counts
 # as a failure), a failure kind when it did not, "cancelled" when the caller went away
@@ -219,7 +219,7 @@ class Balancer:
             if drawn is not None:
                 return drawn
         every = [svc.stats[i] for i in svc.ids]
-        candidates = [s for s in every if not s.ejected(now) and s.instance.id not in exclude]
+        candidates = [s for s in every if self._eligible(s, exclude, now)]
         if not candidates:
             candidates = [s for s in every if s.instance.id not in exclude] or every
         return self._choose(service, candidates)

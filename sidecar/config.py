@@ -299,8 +299,6 @@ def build_config(
         raise ConfigError("--workers", f"{workers} must be between 1 and 256")
     if worker_index < 0:
         raise ConfigError("--worker-index", "must be >= 0")
-    if workers > 1 and (inbound_port == 0 or outbound_port == 0) and worker_index == 0:
-        pass  # the primary binds first and hands the ports it got to the workers
     if health_path and not health_path.startswith("/"):
         raise ConfigError("--health-path", f"{health_path!r} must start with '/' (or be empty for TCP)")
     _positive("--health-interval", health_interval)

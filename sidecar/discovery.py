@@ -29,7 +29,6 @@ class Watch:
         self.known = False
         self.index = 0
         self.updated_at: float | None = None  # monotonic time of the last good answer
-        self.updated_wall: float | None = None
         self.error: str | None = None
         self.last_used = time.monotonic()
         self.ready = asyncio.Event()
@@ -138,18 +137,18 @@ class Discovery:
             else:
                 watch.index = result.index
             if result.instances != watch.instances or result.known != watch.known:
+                watch.instances = result.instances
                 log.info(
                     "service %r: %d healthy instance(s)%s",
                     watch.name,
                     len(result.instances),
                     "" if result.known else " (unknown name)",
                 )
-            watch.instances = result.instances
+            # (an unchanged answer keeps the old tuple: the balancer compares by identity)
             # A name that had instances stays known while we watch it: when its last
             # instance goes away (a restart, a crash) callers see 503, not 404.
             watch.known = result.known or watch.known
             watch.updated_at = time.monotonic()
-            watch.updated_wall = time.time()
             watch.ready.set()
         log.debug("discovery of %r idle, stopping its watcher", watch.name)
         if self.watches.get(watch.name) is watch:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 
 from .config import AppConfig
+from .registry.base import join_host_port
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class HealthChecker:
         self.state = HealthState(changed_at=time.monotonic())
         self._listeners: list[Listener] = []
         self._session: aiohttp.ClientSession | None = None
-        self._changed = asyncio.Event()
+        self._where = join_host_port(app.host, app.port)
+        self._url = f"http://{self._where}{app.health_path}"
         self.probes = 0
 
     def __repr__(self) -> str:
@@ -73,7 +75,7 @@ class HealthChecker:
     async def probe(self) -> tuple[bool, str]:
         """One probe of the app: (passed, output)."""
         cfg = self._cfg
-        where = f"{cfg.host}:{cfg.port}"
+        where = self._where
         try:
             if not cfg.health_path:
                 async with asyncio.timeout(cfg.health_timeout):
@@ -81,9 +83,7 @@ class HealthChecker:
                 writer.close()
                 return True, f"TCP connect to {where} succeeded"
             assert self._session is not None
-            host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-            url = f"http://{host}:{cfg.port}{cfg.health_path}"
-            async with self._session.get(url, allow_redirects=False) as resp:
+            async with self._session.get(self._url, allow_redirects=False) as resp:
                 await resp.read()
                 if 200 <= resp.status < 400:
                     return True, f"HTTP GET {cfg.health_path}: {resp.status}"

@@ -13,6 +13,7 @@ from .errors import AppUnhealthy, SidecarError, error_response
 from .forward import REQUEST_ID, Forwarder, request_headers
 from .health import HealthChecker
 from .observe import Observer
+from .registry.base import join_host_port
 from .tunnel import is_upgrade, tunnel
 
 
@@ -32,8 +33,7 @@ class Inbound:
         self.connect_timeout = connect_timeout
         self.tunnel_idle_timeout = tunnel_idle_timeout
         self.name = name
-        host = f"[{app_host}]" if ":" in app_host else app_host
-        self.app_endpoint = f"{host}:{app_port}"
+        self.app_endpoint = join_host_port(app_host, app_port)
         self.health = health
         self.forwarder = forwarder
         self.observer = observer

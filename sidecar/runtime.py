@@ -122,7 +122,11 @@ class Sidecar:
             tunnel_idle_timeout=lim.tunnel_idle_timeout,
         )
         self.admin = Admin(
-            ready=self.ready, status=self.status, metrics=self.metrics, shutdown=self.request_stop
+            ready=self.ready,
+            status=self.status,
+            metrics=self.metrics,
+            shutdown=self.request_stop,
+            name=config.service.name,
         )
         grace = config.lifecycle.grace_period
         listen = config.listen

@@ -68,6 +68,8 @@ class AppProcess:
                 log.warning("app did not exit within %gs of SIGTERM; killing it", timeout)
                 self.signal(signal.SIGKILL)
                 await self.proc.wait()
-        # Anything the app left behind in its group goes with it.
-        self.signal(signal.SIGKILL)
+        # Anything the app left behind in its group goes with it (signal() skips an
+        # exited app, so kill the group directly).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode

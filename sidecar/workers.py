@@ -85,10 +85,7 @@ class Workers:
         try:
             await asyncio.wait_for(asyncio.gather(*waits), timeout)
         except TimeoutError:
-            for proc in self.procs:
-                if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+            self.kill()
             await asyncio.gather(*(proc.wait() for proc in self.procs))
 
     def kill(self) -> None:

@@ -16,6 +16,11 @@ from typing import Literal
 Status = Literal["passing", "warning", "critical"]
 
 
+def join_host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     """One registered instance of a service: where its sidecar's inbound listener is."""
@@ -29,8 +34,7 @@ class Instance:
 
     @property
     def endpoint(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
+        return join_host_port(self.address, self.port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ from sidecar.registry.base import (
     RegistryError,
     RegistryUnavailable,
     Status,
+    join_host_port,
 )
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,7 @@ class ConsulSettings:
     @property
     def hostport(self) -> str:
         """`host:port` with IPv6 hosts in brackets, for URLs and messages."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
     @property
     def url(self) -> str:
@@ -526,7 +526,10 @@ class ConsulRegistry(Registry):
                 instance = self._instance(entry, name, op)
             current[instance.id] = (key, instance)
             out.append(instance)
-        self._seen[name] = current
+        if current:
+            self._seen[name] = current
+        else:
+            self._seen.pop(name, None)
         return tuple(out)
 
     def describe(self) -> dict[str, object]:

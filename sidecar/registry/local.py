@@ -9,6 +9,7 @@ WAL mode and a busy timeout make several processes writing at once safe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -45,6 +46,7 @@ CREATE INDEX IF NOT EXISTS instances_by_name ON instances (name);
 """
 
 POLL_INTERVAL = 0.25
+CLEAN_INTERVAL = 1.0
 
 
 class LocalRegistry(Registry):
@@ -59,6 +61,7 @@ class LocalRegistry(Registry):
         self._answers: dict[str, tuple[tuple[Instance, ...], bool, int]] = {}
         self._counter = 0
         self._inode = 0
+        self._cleaned_at = 0.0
 
     def __repr__(self) -> str:
         return f"<LocalRegistry path={str(self.path)!r} watched={len(self._answers)}>"
@@ -87,35 +90,35 @@ class LocalRegistry(Registry):
         except OSError:
             return False
 
+    def _call(self, fn: Any, *args: Any) -> Any:
+        """In a worker thread: (re)connect when needed, then run `fn(db, *args)`."""
+        if self._db is not None and not self._same_file():
+            self._close_db()
+        if self._db is None:
+            self._db = self._connect()
+            self._inode = os.stat(self.path).st_ino
+        return fn(self._db, *args)
+
+    def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
     async def _run(self, what: str, fn: Any, *args: Any) -> Any:
         async with self._lock:
             try:
-                if self._db is not None and not await asyncio.to_thread(self._same_file):
-                    await self._drop()
-                if self._db is None:
-                    self._db = await asyncio.to_thread(self._connect)
-                    self._inode = os.stat(self.path).st_ino
-                return await asyncio.to_thread(fn, self._db, *args)
+                return await asyncio.to_thread(self._call, fn, *args)
             except (sqlite3.Error, OSError) as exc:
-                await self._drop()  # start from a fresh connection next time
+                await asyncio.to_thread(self._close_db)  # start from a fresh connection next time
                 raise RegistryUnavailable(f"{what} in local registry {self.path}: {exc}") from exc
-
-    async def _drop(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            try:
-                await asyncio.to_thread(db.close)
-            except sqlite3.Error:
-                pass
 
     async def open(self) -> None:
         await self._run("opening", lambda db: None)
 
     async def close(self) -> None:
         async with self._lock:
-            if self._db is not None:
-                await asyncio.to_thread(self._db.close)
-                self._db = None
+            await asyncio.to_thread(self._close_db)
 
     async def register(self, instance: Instance, check: CheckSpec, status: Status, note: str) -> None:
         def write(db: sqlite3.Connection) -> None:
@@ -158,7 +161,9 @@ class LocalRegistry(Registry):
 
     def _read(self, db: sqlite3.Connection, name: str) -> tuple[tuple[Instance, ...], bool]:
         now = time.time()
-        db.execute("DELETE FROM instances WHERE ? - heartbeat > ttl + deregister_after", (now,))
+        if now - self._cleaned_at >= CLEAN_INTERVAL:  # a write: not on every poll
+            self._cleaned_at = now
+            db.execute("DELETE FROM instances WHERE ? - heartbeat > ttl + deregister_after", (now,))
         rows = db.execute(
             "SELECT id, name, address, port, tags, meta, status, heartbeat, ttl FROM instances "
             "WHERE name = ? ORDER BY id",
