@@ -63,6 +63,10 @@ def stack(tmp_path_factory):
         started.append(sidecar)
         sidecar.wait_ready()
         yield Stack(app, sidecar)
+        # whatever the corpus sent (in whatever order, or a selection of it), the sidecar
+        # answered without logging a traceback
+        out = sidecar.output()
+        assert "Traceback" not in out, out[out.index("Traceback") - 300 :][:1500]
     finally:
         for proc in reversed(started):
             proc.stop()
@@ -139,7 +143,8 @@ def forwarded_trusted(ex: Exchange, seen: list[dict]) -> None:
     assert len(got.get("x-forwarded-for", [])) == 1, f"X-Forwarded-For: {got.get('x-forwarded-for')}"
     assert got["x-forwarded-for"][0].split(",")[-1].strip() == "127.0.0.1"
     assert got.get("x-forwarded-proto") == ["http"], f"X-Forwarded-Proto: {got.get('x-forwarded-proto')}"
-    assert got.get("x-forwarded-host") != ["evil.example"], "the caller's X-Forwarded-Host reached the app"
+    spoofed = [v for v in got.get("x-forwarded-host", []) if "evil.example" in v]
+    assert not spoofed, "the caller's X-Forwarded-Host reached the app"
     assert len(got.get("x-forwarded-host", [])) <= 1
 
 
@@ -482,11 +487,4 @@ def test_websocket_not_switched_unless_the_app_answers_101(stack, listener):
     ex = exchange(stack.port(listener), fill(refused + follow, v), responses=2)
     assert ex.responses and ex.responses[0].status == 403, ex.describe()
     # still HTTP on this connection: the next request gets an ordinary answer
-    if not ex.closed or len(ex.responses) > 1:
-        assert len(ex.responses) == 2 and ex.responses[1].status == 200, ex.describe()
-
-
-def test_no_traceback_in_the_sidecar_output(stack):
-    """Runs last: whatever the corpus sent, the sidecar answered without logging a traceback."""
-    out = stack.sidecar.output()
-    assert "Traceback" not in out, out[out.index("Traceback") - 300 :][:1500]
+    assert len(ex.responses) == 2 and ex.responses[1].status == 200, ex.describe()

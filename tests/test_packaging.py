@@ -55,6 +55,4 @@ def test_wheel_contains_every_module_and_requires_every_import(tmp_path: Path) -
     third_party = imported - STDLIB - {"sidecar", "__future__"} - OPTIONAL
     for module in sorted(third_party):
         dist = DISTRIBUTIONS.get(module, module).lower()
-        assert dist in requires or module in ("multidict", "yarl"), (
-            f"{module} ({dist}) is not in install_requires"
-        )
+        assert dist in requires, f"{module} ({dist}) is not in install_requires"

@@ -116,9 +116,10 @@ def test_shutdown_is_post_and_loopback_only(start_app, start_sidecar):
     app = start_app()
     sc = start_sidecar(app.port, "--admin-host", "0.0.0.0")
     assert http("GET", f"{sc.admin}/shutdown")[0] == 405
-    if other is not None:
-        code, _, _ = http("POST", f"http://{other}:{sc.admin_port}/shutdown")
-        assert code == 403, code
+    if other is None:
+        pytest.skip("no non-loopback address on this machine to call /shutdown from")
+    code, _, _ = http("POST", f"http://{other}:{sc.admin_port}/shutdown")
+    assert code == 403, code
     time.sleep(0.5)
     assert sc.popen.poll() is None and not sc.status()["stopping"]
 

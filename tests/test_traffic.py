@@ -254,7 +254,7 @@ def test_deadline_shrinks_across_two_hops(start_app, start_sidecar):
     seen = {k.lower(): v for k, v in json.loads(body)["headers"]}
     remaining = int(seen["x-request-timeout-ms"])
     assert 0 < remaining < 5000  # what the far app may pass on
-    assert "x-sidecar-deadline-ms" not in seen or int(seen["x-sidecar-deadline-ms"]) <= remaining
+    assert "x-sidecar-deadline-ms" not in seen  # sidecar-to-sidecar only: stripped before the app
     # an expired budget is a fast 504 from the caller's sidecar
     status, headers, _ = http("GET", f"{near.outbound}/far/slow?s=2", headers={"X-Request-Timeout-Ms": "300"})
     assert status == 504 and headers["X-Sidecar-Error"] == "upstream_timeout"
