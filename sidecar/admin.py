@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import SidecarError, error_response
+from .errors import SidecarError, error_body, error_headers
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -69,6 +69,8 @@ class Admin:
     async def shutdown(self, request: web.Request) -> web.Response:
         if not _is_loopback(request.remote):
             denied = SidecarError("/shutdown is loopback-only", status=403, code="forbidden")
-            return error_response(denied, self._name)
+            return web.Response(
+                status=denied.status, body=error_body(denied, self._name), headers=error_headers(denied)
+            )
         self._shutdown("POST /shutdown")
         return _json({"shutting_down": True}, status=202)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from aiohttp import web
+from .messages import Response
 
 ERROR_HEADER = "X-Sidecar-Error"
 
@@ -141,13 +141,19 @@ def error_body(err: SidecarError, sidecar_name: str, request_id: str | None = No
     return json.dumps(body).encode() + b"\n"
 
 
-def error_response(err: SidecarError, sidecar_name: str, request_id: str | None = None) -> web.Response:
-    headers = {ERROR_HEADER: err.code, "Content-Type": "application/json"}
+def error_headers(err: SidecarError, request_id: str | None = None) -> list[tuple[str, str]]:
+    headers = [(ERROR_HEADER, err.code), ("Content-Type", "application/json")]
     if request_id:
-        headers["X-Request-Id"] = request_id
-    response = web.Response(
-        status=err.status, body=error_body(err, sidecar_name, request_id), headers=headers
+        headers.append(("X-Request-Id", request_id))
+    return headers
+
+
+def error_response(err: SidecarError, sidecar_name: str, request_id: str | None = None) -> Response:
+    """The sidecar's own answer for `err`, for the inbound and outbound listeners."""
+    return Response(
+        err.status,
+        error_headers(err, request_id),
+        error_body(err, sidecar_name, request_id),
+        close=err.close_connection,
+        request_id=request_id,
     )
-    if err.close_connection:
-        response.force_close()
-    return response

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Literal
 
 import aiohttp
-from aiohttp import http_exceptions, web
+from aiohttp import http_exceptions
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -39,6 +39,7 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .messages import Headers, Request, Response, http_date
 from .upstream import BadRequestHead, ConnectTimeout, HeadTimeout, Pool, UpstreamResponse, request_head
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
 }
 
 
-def request_headers(request: web.BaseRequest, host: str | None) -> tuple[CIMultiDict[str], str]:
+def request_headers(request: Request, host: str | None) -> tuple[CIMultiDict[str], str]:
     """Headers to send upstream, and the request id they carry."""
     incoming = request.headers
     drop = _DROP_REQUEST
@@ -147,10 +148,20 @@ def request_headers(request: web.BaseRequest, host: str | None) -> tuple[CIMulti
     return headers, request_id
 
 
-def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    headers = strip_hop_by_hop(upstream)
-    headers.popall("Content-Length", None)  # set on the StreamResponse itself
-    headers[REQUEST_ID] = upstream.get(REQUEST_ID, request_id)
+# Lower-cased names not copied from an upstream response: hop-by-hop, and the ones the
+# relay sets itself (the body's framing, one X-Request-Id).
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id"}
+
+
+def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> Headers:
+    """Headers to relay to the client (their framing is added by Request.start)."""
+    drop = _DROP_RESPONSE
+    if "Connection" in upstream:
+        drop = drop | connection_listed(upstream)
+    headers = [(key, value) for key, value in upstream.items() if key.lower() not in drop]
+    headers.append((REQUEST_ID, upstream.get(REQUEST_ID, request_id)))
+    if "Date" not in upstream:  # RFC 9110 section 6.6.1: a recipient with a clock adds it
+        headers.append(("Date", http_date()))
     return headers
 
 
@@ -224,14 +235,14 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         endpoint: str,
         path: str,
         *,
         host: str | None = None,
         extra_headers: Iterable[tuple[str, str]] = (),
         timeout: float | None = None,
-    ) -> web.StreamResponse:
+    ) -> Response:
         """One attempt: send `request` to `http://<endpoint><path>`, stream the answer back."""
         headers, request_id = request_headers(request, host)
         for key, value in extra_headers:
@@ -246,7 +257,7 @@ class Forwarder:
             raise err.error from err
         return await self.relay(request, upstream, request_id, body)
 
-    async def body(self, request: web.BaseRequest) -> LimitedBody | None:
+    async def body(self, request: Request) -> LimitedBody | None:
         """The request body as a byte stream with the size limit applied, or None.
 
         A declared length over the limit is refused before anything is read (and before a
@@ -261,7 +272,7 @@ class Forwarder:
         if not request.body_exists:
             return None
         if expect is not None and request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.send_continue()
         return LimitedBody(request.content, self._max_body, self._body_timeout)
 
     async def open(
@@ -327,11 +338,11 @@ class Forwarder:
 
     async def relay(
         self,
-        request: web.BaseRequest,
+        request: Request,
         upstream: UpstreamResponse,
         request_id: str,
         body: LimitedBody | None = None,
-    ) -> web.StreamResponse:
+    ) -> Response:
         """Stream `upstream`'s answer to the client; always releases `upstream`.
 
         When the request body broke a limit while streaming, the upstream's answer (often
@@ -349,38 +360,32 @@ class Forwarder:
                 upstream.release()
             self._done(upstream.endpoint)
 
-    async def _relay(
-        self, request: web.BaseRequest, upstream: UpstreamResponse, request_id: str
-    ) -> web.StreamResponse:
+    async def _relay(self, request: Request, upstream: UpstreamResponse, request_id: str) -> Response:
         upstream_headers = upstream.headers
         if "Transfer-Encoding" in upstream_headers:
             codings = upstream_headers.getall("Transfer-Encoding")
             if not only_chunked(codings):  # we cannot know where such a body ends
                 raise UpstreamProtocolError(f"the app answered with Transfer-Encoding {', '.join(codings)!r}")
+        status = upstream.status
+        headers = response_headers(upstream_headers, request_id)
+        response = Response(status, request_id=upstream_headers.get(REQUEST_ID, request_id), sent=True)
+        text = upstream_headers.get("Content-Length")
+        length = int(text) if text is not None and text.isdigit() else None
         content = upstream.content
-        # A body that arrived whole with its head goes out in one write with the head.
-        whole = content.is_eof()
-        response = (_WholeResponse if whole else web.StreamResponse)(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=response_headers(upstream_headers, request_id),
-        )
-        length = upstream_headers.get("Content-Length")
-        if length is not None and length.isdigit():
-            response.content_length = int(length)
-        elif upstream.status not in (204, 304) and request.method != "HEAD":
-            response.enable_chunked_encoding()
         transport = request.transport
         watchdog: asyncio.TimerHandle | None = None
         try:
-            await response.prepare(request)
-            if whole:
+            if content.is_eof():
+                # The body arrived whole with its head: one write, with a Content-Length.
                 data = b"".join(_drain_buffer(content))
+                if length is None and request.method != "HEAD":
+                    length = len(data)
                 if transport is not None and not _fits(transport, data):
                     watchdog = _arm(transport, self._write_timeout)
-                await response.write_eof(data)
+                await request.start(status, headers, length, reason=upstream.reason, data=data, end=True)
                 return response
-            write = response.write
+            await request.start(status, headers, length, reason=upstream.reason)
+            write = request.write
             while True:
                 chunk = await content.readany()
                 if not chunk:
@@ -393,24 +398,20 @@ class Forwarder:
                 await write(chunk)
                 watchdog.cancel()
                 watchdog = None
+            await request.end()
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             # Headers are gone already: the only honest answer is a broken connection,
             # never a clean-looking truncated body.
-            log.warning("upstream %s broke mid-response: %s", upstream.endpoint, _reason(exc))
-            if request.transport is not None:
-                request.transport.abort()
-            return response
+            if request.client_gone():
+                log.debug("client %s left during the answer of %s", request.remote, upstream.endpoint)
+            else:
+                log.warning("upstream %s broke mid-response: %s", upstream.endpoint, _reason(exc))
+            if transport is not None:
+                transport.abort()
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-        await response.write_eof()
         return response
-
-
-class _WholeResponse(web.StreamResponse):
-    """A relayed response whose body is already here: its head waits for the body."""
-
-    _send_headers_immediately = False
 
 
 def _drain_buffer(content: StreamReader) -> list[bytes]:

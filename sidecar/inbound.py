@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 
-from aiohttp import web
-
 from . import tracing
 from .deadline import TIMEOUT_HEADER
 from .deadline import from_headers as deadline_from
 from .errors import AppUnhealthy, SidecarError, error_response
 from .forward import REQUEST_ID, Forwarder, request_headers
 from .health import HealthChecker
+from .messages import Request, Response
 from .observe import Observer
 from .registry.base import join_host_port
 from .tunnel import is_upgrade, tunnel
@@ -44,7 +43,7 @@ class Inbound:
     def __repr__(self) -> str:
         return f"<Inbound -> {self.app_endpoint} requests={self.requests} active={self.forwarder.active}>"
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         self.requests += 1
         started = time.monotonic()
         trace = tracing.from_headers(request.headers)
@@ -53,9 +52,7 @@ class Inbound:
             try:
                 if not self.health.healthy:
                     raise AppUnhealthy(f"app {self.name!r} is unhealthy: {self.health.state.output}")
-                path = request.raw_path
-                if not path.startswith("/"):  # absolute-form target: keep only path and query
-                    path = str(request.rel_url)
+                path = request.path_qs  # an absolute-form target: only its path and query
                 # The app learns its remaining budget; the sidecar-to-sidecar header stays here.
                 extra = [*trace.headers().items(), (TIMEOUT_HEADER, deadline.header_value(started))]
                 if is_upgrade(request):
@@ -89,6 +86,6 @@ class Inbound:
             trace,
             service=self.name,
             instance=self.app_endpoint,
-            request_id=response.headers.get(REQUEST_ID) or request.headers.get(REQUEST_ID),
+            request_id=response.request_id or request.headers.get(REQUEST_ID),
         )
         return response

@@ -1,10 +1,14 @@
-"""The server side of the inbound and outbound listeners: aiohttp's HTTP/1.1 server (its
-C parser, llhttp) with the limits a proxy on every request path needs.
+"""The server side of the inbound and outbound listeners: a lean HTTP/1.1 server on
+asyncio protocols, parsing with llhttp (aiohttp's C parser), with the limits a proxy on
+every request path needs. The request and response it hands around are in messages.py.
 
 Rules of this file:
 - a request head must arrive within `header_timeout` (408, then close), an idle
   keep-alive connection closes after `idle_timeout`, at most `max_connections` client
   connections are open per listener (503, then close, beyond that);
+- requests on one connection are answered one at a time, in order (pipelining), by one
+  task each; a connection is reused only when its request body was read to the end and
+  neither side asked to close;
 - a request the parser rejects is answered with the status that names the problem
   (414 request line too long, 431 header too large or too many, 505 bad version,
   400 otherwise), in the sidecar's own JSON error format, and the connection is closed;
@@ -12,21 +16,29 @@ Rules of this file:
   (Transfer-Encoding other than a single final `chunked`, CONNECT, HTTP/0.9 and 2+,
   fragments, a Host that is missing, repeated or malformed, an absolute-form target that
   disagrees with Host, an oversized header block);
+- after an early answer (a refusal before the body was read, 408, a parse error) what the
+  client still sends is read and dropped for a moment before the close, so that the
+  client can read the answer;
 - malformed client input is logged at debug level, one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import re
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import http_exceptions, web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp._http_parser import HttpRequestParser
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestPayloadError
 
 from .errors import (
     ERROR_HEADER,
@@ -41,6 +53,7 @@ from .errors import (
     error_response,
 )
 from .forward import only_chunked
+from .messages import Request, Response, reason_phrase
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +63,8 @@ MAX_REQUEST_LINE = 8192
 MAX_FIELD = 8190
 MAX_HEADERS = 100
 MAX_HEADER_BLOCK = 32 * 1024
+READ_BUFSIZE = 2**16
+CHUNK = 64 * 1024
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
 
@@ -61,7 +76,7 @@ class ServerLimits:
     max_connections: int = 10_000
 
 
-def check_request(request: web.BaseRequest) -> None:
+def check_request(request: Request) -> None:
     """Refuse what the parser accepted but a proxy must not pass on. Raises SidecarError."""
     version = request.version
     if version not in ((1, 0), (1, 1)):
@@ -114,11 +129,11 @@ def _parse_error_status(exc: BaseException | None) -> tuple[int, str, str]:
     return 400, "bad_request", f"malformed request: {first}"
 
 
-def _raw_error(err: SidecarError, reason: str, sidecar: str) -> bytes:
-    """The answer as bytes, for the moments before aiohttp has a request to answer."""
+def _raw_error(err: SidecarError, sidecar: str) -> bytes:
+    """The answer as bytes, for the moments when there is no request to answer."""
     body = error_body(err, sidecar)
     head = (
-        f"HTTP/1.1 {err.status} {reason}\r\n"
+        f"HTTP/1.1 {err.status} {reason_phrase(err.status)}\r\n"
         f"{ERROR_HEADER}: {err.code}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
@@ -127,135 +142,353 @@ def _raw_error(err: SidecarError, reason: str, sidecar: str) -> bytes:
     return head.encode() + body
 
 
-class SidecarRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol, with the limits described above."""
+Handler = Callable[[Request], Awaitable[Response]]
 
-    def __init__(self, manager: SidecarServer, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._sidecar_server = manager
+# Requests parsed ahead of the one being answered (pipelining) before reading pauses.
+MAX_PIPELINED = 16
+# After an answer that ends the exchange early (413, 408, a parse error...), what the
+# client still sends is read and dropped for this long, so that it can read the answer
+# (closing with unread bytes would reset the connection under it), then it is closed.
+LINGER = 0.3
+
+
+class ClientConnection(BaseProtocol):
+    """One client connection: llhttp parses, one task per request answers, in order."""
+
+    __slots__ = (
+        "_eof",
+        "_head_timer",
+        "_held",
+        "_idle_timer",
+        "_lingering",
+        "_queue",
+        "_raw",
+        "_request",
+        "_server",
+        "_task",
+        "closing",
+        "remote",
+    )
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server.loop)
+        self._parser = self._make_parser()
+        self._server = server
+        self._queue: collections.deque[tuple[Any, StreamReader]] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._request: Request | None = None
+        self._eof = False  # the client half-closed: answer what it asked, then close
         self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._raw: StreamReader | None = None  # after a 101: the client's bytes, unparsed
+        self._held = b""  # bytes after an upgrade request, until a tunnel takes them
+        self._lingering = False
+        self.closing = False  # no request after the current one
+        self.remote = ""
+
+    def _make_parser(self) -> HttpRequestParser:
+        return HttpRequestParser(
+            self,
+            self._loop,
+            READ_BUFSIZE,
+            max_line_size=MAX_REQUEST_LINE,
+            max_field_size=MAX_FIELD,
+            max_headers=MAX_HEADERS,
+            payload_exception=RequestPayloadError,
+            auto_decompress=False,  # a proxy passes bodies on as they are
+        )
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.remote} busy={self._task is not None} queued={len(self._queue)}>"
+
+    # -- asyncio callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        server = self._sidecar_server
-        if server.open_connections >= server.limits.max_connections:
+        server = self._server
+        if len(server.connections) >= server.limits.max_connections:
             server.refused += 1
-            message = f"over {server.limits.max_connections} connections"
-            transport.write(  # type: ignore[attr-defined]
-                _raw_error(
-                    SidecarError(message, status=503, code="too_many_connections"),
-                    "Service Unavailable",
-                    server.sidecar_name,
-                )
+            err = SidecarError(
+                f"over {server.limits.max_connections} connections", status=503, code="too_many_connections"
             )
+            transport.write(_raw_error(err, server.sidecar_name))  # type: ignore[attr-defined]
             transport.close()
             return
-        server.open_connections += 1
-        self._counted = True
         super().connection_made(transport)
+        server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
+        self._arm_idle()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if getattr(self, "_counted", False):
-            self._sidecar_server.open_connections -= 1
-            self._counted = False
-        self._cancel_head_timer()
         super().connection_lost(exc)
+        self._server.connections.discard(self)
+        self.closing = True
+        self._cancel_timers()
+        self._queue.clear()
+        if self._raw is not None:
+            self._raw.feed_eof()
+        parser = self._parser
+        if parser is not None:
+            self._parser = None
+            try:
+                parser.feed_eof()
+            except Exception as err:  # a body cut short: its reader gets the error below
+                log.debug("client %s left mid-request: %s", self.remote, err)
+        request = self._request
+        if request is not None and not request.content.is_eof():
+            request.content.set_exception(ConnectionResetError("the client closed the connection"))
 
     def data_received(self, data: bytes) -> None:
-        # The head timer runs from the first byte of a request to the end of its head; an
-        # idle connection (no byte yet) is the keep-alive timer's business instead.
-        if self._head_timer is None and self._current_request is None and not self._upgraded:
-            self._start_head_timer()
-        before = self._request_count
-        super().data_received(data)
-        if self._request_count != before:
-            self._cancel_head_timer()
+        if self._raw is not None:
+            self._raw.feed_data(data)
+            return
+        if self._lingering or self.transport is None:
+            return
+        if self._upgraded:  # held for the tunnel, which takes them with take_over()
+            self._held += data
+            if len(self._held) > READ_BUFSIZE:
+                self._pause_reading_for_buffer()
+            return
+        if self._head_timer is None and self._task is None and not self._queue and data:
+            # The head timer runs from the first byte of a request to the end of its head;
+            # an idle connection (no byte yet) is the idle timer's business instead.
+            self._cancel_idle()
+            self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
+        parser = self._parser
+        assert parser is not None
+        try:
+            messages, upgraded, tail = parser.feed_data(data)
+        except http_exceptions.HttpProcessingError as exc:
+            self._refuse(exc)
+            return
+        if upgraded:
+            self._upgraded = True
+            self._held = tail
+        if messages:
+            self._cancel_timers()
+            self._queue.extend(messages)
+            if len(self._queue) > MAX_PIPELINED:
+                self._pause_reading_for_buffer()
+            if self._task is None:
+                self._next()
 
-    def _process_keepalive(self) -> None:
-        if self._head_timer is not None:
-            return  # a request head is on its way: the head timer decides (408)
-        super()._process_keepalive()
+    def eof_received(self) -> bool:
+        if self._raw is not None:
+            self._raw.feed_eof()
+            return True  # the tunnel ends, then closes
+        if self._request is None and not self._queue:
+            return False  # idle: close
+        # A client that half-closes after its request still gets the answer, then the close.
+        self._eof = True
+        request = self._request
+        if request is not None and not request.content.is_eof():
+            request.content.set_exception(ConnectionResetError("the client closed its side mid-body"))
+        return True
 
-    def _start_head_timer(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._head_timer = loop.call_later(self._sidecar_server.limits.header_timeout, self._head_timed_out)
+    # -- requests --------------------------------------------------------------------------
 
-    def _cancel_head_timer(self) -> None:
+    def _next(self) -> None:
+        if not self._queue or self.closing or self.transport is None:
+            return
+        message, payload = self._queue.popleft()
+        if self._buffer_paused and len(self._queue) <= MAX_PIPELINED // 2 and not self._upgraded:
+            self._resume_reading_for_buffer()
+        request = self._request = Request(self, message, payload)
+        self._task = self._loop.create_task(self._serve(request))
+
+    async def _serve(self, request: Request) -> None:
+        server = self._server
+        try:
+            try:
+                check_request(request)
+                response = await server.handler(request)
+            except SidecarError as err:
+                log.debug("refused a request from %s: %s", self.remote, err.message)
+                response = error_response(err, server.sidecar_name, None)
+            if not request.head_sent:
+                request.send(response)
+        except ConnectionError as exc:
+            log.debug("client %s left before its answer was sent: %s", self.remote, exc)
+            self._task = self._request = None
+            self.abort()
+            return
+        except Exception as exc:
+            self._task = self._request = None
+            log.error("error handling a request from %s: %r", self.remote, exc)
+            if request.head_sent or self.transport is None:
+                self.abort()
+                return
+            failed = SidecarError(
+                "the sidecar failed to handle the request", status=500, code="internal_error"
+            )
+            self._answer_and_close(failed)
+            return
+        self._task = self._request = None
+        self._finished(request)
+
+    def _finished(self, request: Request) -> None:
+        """After an answer: the next request, or the close the exchange calls for."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        held = b""
+        if self._upgraded:
+            if self._raw is not None:  # a tunnel ended
+                self.closing = True
+                transport.close()
+                return
+            # The app refused the upgrade: the connection is still HTTP, and what the
+            # client sent after the request is its next request.
+            held, self._held = self._held, b""
+            self._upgraded = False
+            self._parser = self._make_parser()
+            if self._buffer_paused:
+                self._resume_reading_for_buffer()
+        if request.close or self.closing:
+            self.closing = True
+            if request.content.is_eof():
+                transport.close()
+            else:
+                self._linger()
+            return
+        if not request.content.is_eof():
+            # the answer went out before the body was read (an early refusal): the rest
+            # of the body cannot be told apart from a next request
+            self.closing = True
+            self._linger()
+            return
+        if held:
+            self.data_received(held)
+            if self._task is not None or self.closing:
+                return
+        if self._queue:
+            self._next()
+        elif self._eof:
+            self.closing = True
+            transport.close()
+        else:
+            self._arm_idle()
+
+    # -- ends of connections ----------------------------------------------------------------
+
+    def client_gone(self) -> bool:
+        transport = self.transport
+        return transport is None or transport.is_closing()
+
+    async def drain(self) -> None:
+        await self._drain_helper()
+
+    def take_over(self) -> StreamReader:
+        """Switch to raw bytes after a 101: everything the client sends goes to the reader."""
+        reader = StreamReader(self, CHUNK, loop=self._loop)
+        self._cancel_timers()
+        held, self._held = self._held, b""
+        if held:
+            reader.feed_data(held)
+        self._raw = reader
+        if self._buffer_paused:
+            self._resume_reading_for_buffer()
+        if self.transport is None:
+            reader.feed_eof()
+        return reader
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """The listener is stopping: close now when idle, else after the current answer."""
+        self.closing = True
+        if self._task is None and self.transport is not None and self._raw is None:
+            self.transport.close()
+
+    def _refuse(self, exc: BaseException) -> None:
+        status, code, text = _parse_error_status(exc)
+        log.debug("refused a malformed request from %s: %s", self.remote, text)
+        self._answer_and_close(SidecarError(text, status=status, code=code))
+
+    def _answer_and_close(self, err: SidecarError) -> None:
+        self.closing = True
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.write(_raw_error(err, self._server.sidecar_name))
+            self._linger()
+
+    def _linger(self) -> None:
+        self._lingering = True
+        self._parser = None
+        if self._buffer_paused:
+            self._resume_reading_for_buffer()
+        transport = self.transport
+        if transport is not None:
+            self._loop.call_later(LINGER, transport.close)
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None or self._task is not None or self._queue:
+            return
+        timeout = self._server.limits.header_timeout
+        self._answer_and_close(RequestTimeout(f"no complete request head within {timeout:g}s"))
+
+    def _arm_idle(self) -> None:
+        self._cancel_idle()
+        self._idle_timer = self._loop.call_later(self._server.limits.idle_timeout, self._idle_timed_out)
+
+    def _idle_timed_out(self) -> None:
+        self._idle_timer = None
+        if self.transport is not None and self._task is None and not self._queue and self._raw is None:
+            self.closing = True
+            self.transport.close()
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_idle()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport is None or self._current_request is not None or self._messages:
-            return
-        timeout = self._sidecar_server.limits.header_timeout
-        self.transport.write(
-            _raw_error(
-                RequestTimeout(f"no complete request head within {timeout:g}s"),
-                "Request Timeout",
-                self._sidecar_server.sidecar_name,
-            )
-        )
-        self.force_close()  # closes the transport after the 408 is written
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; closing the connection")
-        if status == 400 or isinstance(exc, http_exceptions.HttpProcessingError):
-            status, code, text = _parse_error_status(exc)
-            log.debug("refused a malformed request from %s: %s", request.remote, text)
-        else:
-            code, text = "internal_error", "the sidecar failed to handle the request"
-            log.error("error handling a request from %s: %r", request.remote, exc)
-        err = SidecarError(text, status=status, code=code)
-        response = error_response(err, self._sidecar_server.sidecar_name)
-        response.force_close()
-        return response
+class Server:
+    """The connections of one listener and what they share."""
 
-
-class SidecarServer(web.Server):
-    """aiohttp's low-level server with SidecarRequestHandler connections."""
-
-    def __init__(self, handler: Any, *, limits: ServerLimits, sidecar_name: str, **kwargs: Any) -> None:
-        super().__init__(
-            handler,
-            keepalive_timeout=limits.idle_timeout,
-            max_line_size=MAX_REQUEST_LINE,
-            max_field_size=MAX_FIELD,
-            max_headers=MAX_HEADERS,
-            # After an answer that ends the exchange early (413, 408...) read and drop
-            # what the client still sends for a moment, so it can read our answer, then close.
-            lingering_time=0.3,
-            **kwargs,
-        )
+    def __init__(self, handler: Handler, *, limits: ServerLimits, sidecar_name: str) -> None:
+        self.handler = handler
         self.limits = limits
         self.sidecar_name = sidecar_name
-        self.open_connections = 0
+        self.loop = asyncio.get_event_loop()
+        self.connections: set[ClientConnection] = set()
         self.refused = 0
 
-    def __call__(self) -> SidecarRequestHandler:
-        return SidecarRequestHandler(self, loop=self._loop, **self._kwargs)
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
 
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(self)
 
-def guarded(handler: Any, sidecar_name: str) -> Any:
-    """Wrap a request handler with `check_request`, answering refusals in the sidecar's format."""
+    def busy(self) -> int:
+        return sum(1 for conn in self.connections if conn._task is not None or conn._raw is not None)
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            check_request(request)
-        except SidecarError as err:
-            log.debug("refused a request from %s: %s", request.remote, err.message)
-            return error_response(err, sidecar_name, None)
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    return handle
+    async def shutdown(self, grace: float) -> None:
+        """Close idle connections now, let answers in progress finish for `grace` seconds,
+        then abort what is left."""
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = self.loop.time() + grace
+        while self.busy() and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            task = conn._task
+            conn.abort()
+            if task is not None:
+                task.cancel()
 
 
 # Connections taken from the accept queue per readiness event. libuv (under uvloop)
@@ -264,29 +497,20 @@ def guarded(handler: Any, sidecar_name: str) -> Any:
 ACCEPT_BATCH = 1024
 
 
-class FairTCPSite(web.TCPSite):
-    """aiohttp's TCPSite, but the listening sockets are ours and every readiness event
-    accepts up to ACCEPT_BATCH waiting connections, each handed to the loop with
-    `connect_accepted_socket`."""
+class Acceptor:
+    """Listening sockets whose every readiness event accepts up to ACCEPT_BATCH waiting
+    connections, each handed to the loop with `connect_accepted_socket`."""
 
-    __slots__ = ("_attaching", "_listening")
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
-        sockets = await _bind(loop, self._host, self._port, self._backlog, bool(self._reuse_port))
-        self._listening = sockets
+    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket], server: Server) -> None:
+        self._loop = loop
+        self.sockets = sockets
+        self._server = server
         self._attaching: set[asyncio.Task[Any]] = set()
         for sock in sockets:
             loop.add_reader(sock.fileno(), self._accept, sock)
-        self._server = _AcceptServer(loop, sockets)
-        self._bound_port = sockets[0].getsockname()[1]
 
     def _accept(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        factory = self._runner.server
-        if factory is None:
-            return
+        loop = self._loop
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _addr = sock.accept()
@@ -303,18 +527,24 @@ class FairTCPSite(web.TCPSite):
                     loop.call_later(0.5, self._resume, sock)
                 return
             conn.setblocking(False)
-            task = loop.create_task(_attach(loop, factory, conn))
+            task = loop.create_task(_attach(loop, self._server, conn))
             self._attaching.add(task)
             task.add_done_callback(self._attaching.discard)
 
     def _resume(self, sock: socket.socket) -> None:
         if sock.fileno() != -1:
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            if sock.fileno() != -1:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
 
 
-async def _attach(loop: asyncio.AbstractEventLoop, factory: Any, conn: socket.socket) -> None:
+async def _attach(loop: asyncio.AbstractEventLoop, server: Server, conn: socket.socket) -> None:
     try:
-        await loop.connect_accepted_socket(factory, conn)
+        await loop.connect_accepted_socket(server, conn)
     except OSError as exc:
         log.debug("dropped an accepted connection: %s", exc)
         conn.close()
@@ -351,42 +581,13 @@ async def _bind(
     return sockets
 
 
-class _AcceptServer(asyncio.AbstractServer):
-    """What BaseSite.stop() and BaseRunner.addresses need of a server: close and sockets."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket]) -> None:
-        self._loop = loop
-        self.sockets = sockets
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            if sock.fileno() != -1:
-                self._loop.remove_reader(sock.fileno())
-                sock.close()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def is_serving(self) -> bool:
-        return any(sock.fileno() != -1 for sock in self.sockets)
-
-    async def start_serving(self) -> None:
-        return None
-
-    async def serve_forever(self) -> None:
-        raise NotImplementedError
-
-    async def wait_closed(self) -> None:
-        return None
-
-
 class Listener:
     """One listening socket and its server; `port` is the port it got (for port 0)."""
 
     def __init__(
         self,
         name: str,
-        handler: Any,
+        handler: Handler | web.Application,
         host: str,
         port: int,
         grace: float,
@@ -399,21 +600,16 @@ class Listener:
         self.reuse_port = reuse_port
         self.host = host
         self.requested_port = port
-        self.server: SidecarServer | None = None
+        self.grace = grace
+        self.server: Server | None = None
+        self._acceptor: Acceptor | None = None
+        self._runner: web.AppRunner | None = None
         if isinstance(handler, web.Application):  # the admin listener: plain aiohttp
-            self.runner: web.BaseRunner = web.AppRunner(
+            self._runner = web.AppRunner(
                 handler, handle_signals=False, access_log=None, shutdown_timeout=grace
             )
         else:
-            self.server = SidecarServer(
-                guarded(handler, sidecar_name),
-                limits=limits or ServerLimits(),
-                sidecar_name=sidecar_name,
-                access_log=None,
-                # A proxy passes bodies through as they are, compressed or not.
-                auto_decompress=False,
-            )
-            self.runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=grace)
+            self.server = Server(handler, limits=limits or ServerLimits(), sidecar_name=sidecar_name)
         self.port = 0
 
     def __repr__(self) -> str:
@@ -421,23 +617,33 @@ class Listener:
         return f"<Listener {self.name} {self.host}:{self.port} connections={connections}>"
 
     async def start(self) -> None:
-        await self.runner.setup()
-        site: web.TCPSite
-        if self.server is not None:
-            site = FairTCPSite(
-                self.runner, self.host, self.requested_port, backlog=1024, reuse_port=self.reuse_port or None
-            )
-        else:
-            site = web.TCPSite(self.runner, self.host, self.requested_port, backlog=1024)
         try:
-            await site.start()
+            if self.server is None:
+                assert self._runner is not None
+                await self._runner.setup()
+                site = web.TCPSite(self._runner, self.host, self.requested_port, backlog=1024)
+                await site.start()
+                self.port = self._runner.addresses[0][1]
+                return
+            loop = asyncio.get_running_loop()
+            sockets = await _bind(loop, self.host, self.requested_port, 1024, self.reuse_port)
         except OSError as exc:
-            await self.runner.cleanup()
+            if self._runner is not None:
+                await self._runner.cleanup()
             raise OSError(
                 exc.errno,
                 f"{self.name} listener cannot bind {self.host}:{self.requested_port}: {exc.strerror}",
             ) from exc
-        self.port = site.port
+        self._acceptor = Acceptor(loop, sockets, self.server)
+        self.port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        """Stop accepting, let answers in progress finish within the grace period."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            return
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
+        if self.server is not None:
+            await self.server.shutdown(self.grace)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 
-from aiohttp import web
-
 from .accesslog import AccessLog
+from .messages import Request
 from .metrics import Metrics
 from .tracing import FinishedSpan, SpanExporter, TraceContext
 
@@ -24,7 +23,7 @@ class Observer:
     def finished(
         self,
         direction: str,
-        request: web.BaseRequest,
+        request: Request,
         status: int,
         started: float,
         trace: TraceContext,

@@ -14,7 +14,6 @@ import re
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from . import tracing
@@ -31,6 +30,7 @@ from .errors import (
     error_response,
 )
 from .forward import REQUEST_ID, Forwarder, ForwardError, request_headers
+from .messages import Request, Response
 from .observe import Observer
 from .registry.base import Instance
 from .retry import FailureKind, ReplayBuffer, RetryBudget, backoff_delay, response_failure, retry_eligible
@@ -151,7 +151,7 @@ class Outbound:
             self.budgets[service] = budget
         return budget
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         self.requests += 1
         started = time.monotonic()
         trace = tracing.from_headers(request.headers)
@@ -181,13 +181,13 @@ class Outbound:
 
     async def _call(
         self,
-        request: web.BaseRequest,
+        request: Request,
         service: str,
         path: str,
         deadline: Deadline,
         trace: tracing.TraceContext,
         call: _Call,
-    ) -> web.StreamResponse:
+    ) -> Response:
         instances = await self.discovery.resolve(service)
         headers, call.request_id = request_headers(request, host=service)
         headers.update(trace.headers())
@@ -248,14 +248,14 @@ class Outbound:
 
     async def _tunnel(
         self,
-        request: web.BaseRequest,
+        request: Request,
         service: str,
         path: str,
         instances: tuple[Instance, ...],
         headers: CIMultiDict[str],
         deadline: Deadline,
         call: _Call,
-    ) -> web.StreamResponse:
+    ) -> Response:
         """A WebSocket upgrade: one attempt (the client waits on the handshake), and the open
         tunnel counts as an outstanding request of the endpoint for its whole life."""
         lease = self.balancer.acquire(service, instances)
@@ -287,7 +287,7 @@ class Outbound:
 
     def _may_retry(
         self,
-        request: web.BaseRequest,
+        request: Request,
         service: str,
         budget: RetryBudget,
         deadline: Deadline,

@@ -11,19 +11,17 @@ client's `Upgrade`), and reads the endpoint's response head.
   extensions, plus X-Request-Id), and from then on bytes are copied both ways until either
   side closes or nothing moved for `idle_timeout` seconds.
 
-How the client connection is taken over from aiohttp's server (verified against 3.14):
-- aiohttp's request parser itself switches to "upgraded" mode after a bodiless request
-  with `Connection: upgrade` and `Upgrade: websocket`; bytes that arrive afterwards are not
-  parsed as HTTP but held in the protocol (`request.content` stays empty).
-- the 101 is a `StreamResponse`: 1xx must have no body, so aiohttp adds neither
-  Content-Length nor Transfer-Encoding and never enables chunking for it; the tunnelled
-  bytes are then written through `StreamResponse.write` (plain writes, drained past 64 KiB).
-- `request.protocol.set_parser(feed)` (what `WebSocketResponse` does) hands every later
-  byte, and the held ones, to `feed`, which puts them in an aiohttp `StreamReader`: that
-  pauses reading from the client when the upstream is slow, and gets EOF when the client's
-  connection is lost.
-- the response is marked `force_close()`: when the handler returns, aiohttp's `write_eof`
-  sends nothing (no body framing) and the connection is closed, never parsed again.
+How the client connection is taken over (listener.ClientConnection):
+- llhttp (aiohttp's C parser) switches to "upgraded" mode after a bodiless request with
+  `Connection: upgrade` and `Upgrade: websocket`; bytes that arrive afterwards are not
+  parsed as HTTP but held by the connection.
+- the 101 goes out with `Request.start(..., raw=True)`: no body framing; the tunnelled
+  bytes then go through `Request.write` (plain writes, drained past 64 KiB).
+- `Request.take_over()` hands the held bytes and every later one to an aiohttp
+  `StreamReader`: that pauses reading from the client when the upstream is slow, and gets
+  EOF when the client closes.
+- after an upgrade request the connection is always closed when the handler returns,
+  never parsed again.
 """
 
 from __future__ import annotations
@@ -33,13 +31,12 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncGenerator
-from typing import Any, cast
 
-from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
 from .errors import BadRequest, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from .forward import REQUEST_ID, connection_listed, strip_hop_by_hop
+from .messages import Headers, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +51,11 @@ _FORBIDDEN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 
 
-def is_upgrade(request: web.BaseRequest) -> bool:
+def is_upgrade(request: Request) -> bool:
     """True for a WebSocket handshake that `tunnel()` should carry.
 
-    The same conditions under which aiohttp's own parser switches the connection to
-    upgraded mode: GET, HTTP/1.1, no body, `Connection` listing `upgrade`, and one
+    The same conditions under which the parser switches the connection to upgraded
+    mode: GET, HTTP/1.1, no body, `Connection` listing `upgrade`, and one
     `Upgrade: websocket`. Any other Upgrade token is refused here; the normal path
     strips it and the app sees a plain request.
     """
@@ -71,7 +68,7 @@ def is_upgrade(request: web.BaseRequest) -> bool:
 
 
 async def tunnel(
-    request: web.BaseRequest,
+    request: Request,
     endpoint: str,
     path: str,
     headers: CIMultiDict[str],
@@ -80,12 +77,12 @@ async def tunnel(
     connect_timeout: float,
     response_timeout: float,
     idle_timeout: float,
-) -> web.StreamResponse:
+) -> Response:
     """Carry the WebSocket handshake `request` to `http://<endpoint><path>`.
 
     `headers` are the forwarded request headers (hop-by-hop already stripped). Failures
     before anything reaches the client raise a SidecarError (502/504); the returned
-    response has been sent already (aiohttp's closing `write_eof` adds nothing to it).
+    response has been sent already.
     Only call it when `is_upgrade(request)` is true.
     """
     head = _request_head(request, endpoint, path, headers)
@@ -95,13 +92,18 @@ async def tunnel(
             reader, writer, head, endpoint, response_timeout
         )
         if status == 101:
-            response = _switching_response(upstream_headers, request_id, endpoint)
-            await _splice(request, response, reader, writer, idle_timeout)
+            await _splice(
+                request,
+                _switching_headers(upstream_headers, request_id, endpoint),
+                reader,
+                writer,
+                idle_timeout,
+            )
         else:
-            response = await _relay(
+            await _relay(
                 request, status, reason, upstream_headers, request_id, reader, endpoint, response_timeout
             )
-        return response
+        return Response(status, request_id=upstream_headers.get(REQUEST_ID, request_id), sent=True)
     finally:
         await _close(writer)
 
@@ -109,7 +111,7 @@ async def tunnel(
 # -- the request ------------------------------------------------------------------------
 
 
-def _request_head(request: web.BaseRequest, endpoint: str, path: str, headers: CIMultiDict[str]) -> bytes:
+def _request_head(request: Request, endpoint: str, path: str, headers: CIMultiDict[str]) -> bytes:
     if not path.startswith("/") or _FORBIDDEN_VALUE.search(path) or " " in path:
         raise BadRequest("the request target cannot be forwarded")
     lines = [f"GET {path} HTTP/1.1"]
@@ -201,7 +203,7 @@ def _parse_head(raw: bytes, endpoint: str) -> tuple[int, str, CIMultiDict[str]]:
 
 
 async def _relay(
-    request: web.BaseRequest,
+    request: Request,
     status: int,
     reason: str,
     upstream: CIMultiDict[str],
@@ -209,7 +211,7 @@ async def _relay(
     reader: asyncio.StreamReader,
     endpoint: str,
     timeout: float,
-) -> web.StreamResponse:
+) -> None:
     chunked = "Transfer-Encoding" in upstream
     if chunked and [c.strip().lower() for c in upstream.getall("Transfer-Encoding")] != ["chunked"]:
         raise UpstreamProtocolError(f"{endpoint} sent a transfer coding other than chunked")
@@ -218,30 +220,24 @@ async def _relay(
     headers = strip_hop_by_hop(upstream)
     headers.popall("Content-Length", None)
     headers[REQUEST_ID] = upstream.get(REQUEST_ID, request_id)
-    response = web.StreamResponse(status=status, reason=reason or None, headers=headers)
-    if status in (204, 304):
+    if status in (204, 304) or request.method == "HEAD":
         chunked, length = False, 0
-    elif length is not None:
-        response.content_length = length
-    else:
-        response.enable_chunked_encoding()  # chunked, or a body that runs until the close
     try:
-        await response.prepare(request)
+        # chunked when the length is unknown: the app's chunks, or a body that runs until its close
+        await request.start(status, headers.items(), length, reason=reason or None)
     except ConnectionError:
-        return response  # the client left; aiohttp drops the connection quietly
+        return  # the client left
     body = _read_chunked(reader, timeout) if chunked else _read_plain(reader, length, timeout)
     try:
         async with contextlib.aclosing(body):
             async for data in body:
-                await response.write(data)
+                await request.write(data)
+        await request.end()
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError, ValueError) as exc:
         # The head is gone already: the only honest answer is a broken connection.
-        if request.transport is not None:
+        if request.transport is not None and not request.client_gone():
             log.warning("relaying the answer of %s to an upgrade broke: %r", endpoint, exc)
             request.transport.abort()
-        return response
-    await response.write_eof()
-    return response
 
 
 async def _read_plain(
@@ -288,7 +284,7 @@ async def _read_chunked(reader: asyncio.StreamReader, timeout: float) -> AsyncGe
 # -- 101: the tunnel ------------------------------------------------------------------------
 
 
-def _switching_response(upstream: CIMultiDict[str], request_id: str, endpoint: str) -> web.StreamResponse:
+def _switching_headers(upstream: CIMultiDict[str], request_id: str, endpoint: str) -> Headers:
     upgrade = upstream.get("Upgrade", "").strip()
     if upgrade.lower() != "websocket":
         raise UpstreamProtocolError(f"{endpoint} switched to {upgrade!r}, not the websocket asked for")
@@ -298,47 +294,23 @@ def _switching_response(upstream: CIMultiDict[str], request_id: str, endpoint: s
     headers["Upgrade"] = upgrade
     headers["Connection"] = "Upgrade"
     headers[REQUEST_ID] = upstream.get(REQUEST_ID, request_id)
-    response = web.StreamResponse(status=101, headers=headers)
-    response.force_close()  # after the tunnel, aiohttp closes the connection, never parses it
-    return response
-
-
-class _RawFeed:
-    """Stands in for aiohttp's WebSocket parser: the client's bytes, unparsed, into a stream."""
-
-    __slots__ = ("stream",)
-
-    def __init__(self, stream: StreamReader) -> None:
-        self.stream = stream
-
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        self.stream.feed_data(data)
-        return False, b""
-
-    def feed_eof(self) -> None:
-        self.stream.feed_eof()
+    return list(headers.items())
 
 
 async def _splice(
-    request: web.BaseRequest,
-    response: web.StreamResponse,
+    request: Request,
+    headers: Headers,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     idle_timeout: float,
 ) -> None:
     """Send the 101, then copy bytes both ways until a side closes or the tunnel idles."""
-    protocol = cast(Any, request.protocol)
-    if protocol.transport is None:
-        return  # the client left while the app answered; aiohttp drops the response
     try:
-        await response.prepare(request)
-        await request.writer.drain()
+        await request.start(101, headers, None, raw=True)
     except ConnectionError:
-        return
+        return  # the client left while the app answered
     loop = asyncio.get_running_loop()
-    from_client = StreamReader(protocol, CHUNK, loop=loop)
-    protocol.set_parser(_RawFeed(from_client))
-    protocol.keep_alive(False)
+    from_client = request.take_over()
     last = loop.time()
 
     async def client_to_app() -> None:
@@ -353,7 +325,7 @@ async def _splice(
         nonlocal last
         while data := await reader.read(CHUNK):
             last = loop.time()
-            await response.write(data)
+            await request.write(data)
             last = loop.time()
 
     pumps = {
@@ -380,7 +352,7 @@ async def _splice(
     client = request.transport
     if idle and client is not None and client.get_write_buffer_size():
         # Nothing moved and the client is not reading what it was sent: do not let the
-        # graceful close that aiohttp does next wait for it (the upstream side is bounded
+        # graceful close that follows wait for it (the upstream side is bounded
         # by CLOSE_WAIT in _close).
         client.abort()
 

@@ -1,8 +1,8 @@
 """WebSocket tunnelling (sidecar/tunnel.py) over real loopback sockets.
 
-A real aiohttp WebSocket app, one or two tunnelling low-level servers in front of it (like
-outbound sidecar -> inbound sidecar -> app), and real clients: aiohttp's ws_connect and raw
-sockets for what must (not) be on the wire.
+A real aiohttp WebSocket app, one or two of the sidecar's listeners with a tunnelling
+handler in front of it (like outbound sidecar -> inbound sidecar -> app), and real
+clients: aiohttp's ws_connect and raw sockets for what must (not) be on the wire.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from multidict import CIMultiDict
 
 from sidecar.errors import SidecarError, error_response
 from sidecar.forward import request_headers
+from sidecar.listener import Listener, ServerLimits
+from sidecar.messages import Request, Response
 from sidecar.tunnel import is_upgrade, tunnel
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -75,13 +77,16 @@ async def serve(handler: Handler) -> tuple[web.ServerRunner, int]:
     return runner, runner.addresses[0][1]
 
 
-def tunnelling(target_port: int, idle_timeout: float = 5.0, response_timeout: float = 2.0) -> Handler:
+def tunnelling(
+    target_port: int, idle_timeout: float = 5.0, response_timeout: float = 2.0
+) -> Callable[[Request], Awaitable[Response]]:
     """A handler shaped like the sidecar's: upgrades go through tunnel(), errors are SidecarErrors."""
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(request: Request) -> Response:
         headers, request_id = request_headers(request, None)
         if not is_upgrade(request):
-            return web.Response(text=f"plain {request.path}", headers={"X-Request-Id": request_id})
+            body = f"plain {request.raw_path}".encode()
+            return Response(200, [("X-Request-Id", request_id), ("Content-Type", "text/plain")], body)
         try:
             return await tunnel(
                 request,
@@ -101,11 +106,12 @@ def tunnelling(target_port: int, idle_timeout: float = 5.0, response_timeout: fl
 
 @contextlib.asynccontextmanager
 async def tunnel_server(target_port: int, **timeouts: float) -> AsyncIterator[int]:
-    runner, port = await serve(tunnelling(target_port, **timeouts))
+    listener = Listener("tunnel", tunnelling(target_port, **timeouts), "127.0.0.1", 0, 0.5)
+    await listener.start()
     try:
-        yield port
+        yield listener.port
     finally:
-        await runner.cleanup()
+        await listener.stop()
     assert_no_tunnel_tasks()
 
 
@@ -474,12 +480,16 @@ async def test_idle_tunnel_is_closed(app: EchoApp) -> None:
 
 
 async def test_server_shutdown_ends_open_tunnels(app: EchoApp) -> None:
-    runner, proxy = await serve(tunnelling(app.port))
-    async with aiohttp.ClientSession() as session, session.ws_connect(f"http://127.0.0.1:{proxy}/ws") as ws:
+    listener = Listener("tunnel", tunnelling(app.port), "127.0.0.1", 0, 0.5)
+    await listener.start()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://127.0.0.1:{listener.port}/ws") as ws,
+    ):
         await ws.send_str("x")
         assert await ws.receive_str(timeout=5) == "echo:x"
         started = time.monotonic()
-        await runner.cleanup()
+        await listener.stop()
         assert time.monotonic() - started < 3
         msg = await ws.receive(timeout=5)
         assert msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR)
@@ -513,8 +523,6 @@ async def test_two_chained_tunnels(app: EchoApp) -> None:
 
 async def test_through_the_sidecars_own_listeners(app: EchoApp) -> None:
     """The hand-over also works behind sidecar.listener's hardened protocol (head timer, limits)."""
-    from sidecar.listener import Listener, ServerLimits
-
     limits = ServerLimits(header_timeout=0.3, idle_timeout=0.3)
     inbound = Listener("inbound", tunnelling(app.port), "127.0.0.1", 0, 0.5, limits=limits)
     await inbound.start()

@@ -1,0 +1,277 @@
+"""The request and response of the lean HTTP/1.1 server in `listener.py`.
+
+A `Request` is what a handler gets: the parsed head (llhttp, aiohttp's C parser), the body
+as a byte stream, and the methods that write the answer on the client connection. A
+handler either returns a whole `Response` (the server writes it, head and body in one
+write) or streams its answer with `Request.start` / `write` / `end` and returns a
+`Response` that only describes what was sent (status, request id) for the access log.
+
+Rules of this file:
+- the answer's framing follows RFC 9112 section 6: Content-Length when the length is known,
+  chunked for an HTTP/1.1 client otherwise, and for an HTTP/1.0 client a body delimited
+  by closing the connection; no body (and no framing) for HEAD, 1xx, 204 and 304;
+- `Connection: close` is sent on the answer whenever the connection closes after it;
+- every write to a client that left raises ConnectionResetError, never writes to a
+  closed transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp.streams import EmptyStreamReader
+from multidict import CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from aiohttp.streams import StreamReader
+
+Headers = list[tuple[str, str]]
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Unknown")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The current time as an HTTP date, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+class Response:
+    """A whole answer (status, headers, body) for the server to send, or, with `sent`, the
+    record of an answer the handler streamed itself."""
+
+    __slots__ = ("body", "close", "headers", "reason", "request_id", "sent", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: Headers | None = None,
+        body: bytes = b"",
+        *,
+        reason: str | None = None,
+        close: bool = False,
+        request_id: str | None = None,
+        sent: bool = False,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers if headers is not None else []
+        self.body = body
+        self.close = close
+        self.request_id = request_id
+        self.sent = sent
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}{' sent' if self.sent else ''}>"
+
+
+class Connection(Protocol):
+    """What a Request needs of its client connection (listener.ClientConnection)."""
+
+    transport: asyncio.Transport | None
+    remote: str
+    closing: bool
+
+    @property
+    def writing_paused(self) -> bool: ...
+
+    def client_gone(self) -> bool: ...
+    async def drain(self) -> None: ...
+    def take_over(self) -> StreamReader: ...
+
+
+class Request:
+    """One request on a client connection: its head, its body and how to answer it."""
+
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_message",
+        "close",
+        "content",
+        "head_sent",
+        "headers",
+        "method",
+        "raw_path",
+        "remote",
+        "transport",
+        "version",
+    )
+
+    scheme = "http"
+
+    def __init__(self, conn: Connection, message: Any, payload: StreamReader) -> None:
+        self._conn = conn
+        self._message = message
+        self.method: str = message.method
+        self.raw_path: str = message.path
+        self.version = message.version
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.content = payload
+        self.remote = conn.remote
+        self.transport = conn.transport
+        # the client asked to close (Connection: close, or HTTP/1.0 without keep-alive)
+        self.close: bool = bool(message.should_close)
+        self.head_sent = False
+        self._chunked = False
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.raw_path}>"
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        raw: tuple[tuple[bytes, bytes], ...] = self._message.raw_headers
+        return raw
+
+    @property
+    def body_exists(self) -> bool:
+        return type(self.content) is not EmptyStreamReader
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def path_qs(self) -> str:
+        """The origin-form target (path and query), also for an absolute-form request."""
+        if self.raw_path.startswith("/"):
+            return self.raw_path
+        return str(self._message.url.relative())
+
+    # -- answering -------------------------------------------------------------------
+
+    def send_continue(self) -> None:
+        """`100 Continue` to a client that sent `Expect: 100-continue` (HTTP/1.1)."""
+        if not self._conn.client_gone() and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def client_gone(self) -> bool:
+        """Whether the client closed its connection (or it is closing)."""
+        return self._conn.client_gone()
+
+    def keeps_alive(self) -> bool:
+        return not (self.close or self._conn.closing)
+
+    def send(self, response: Response) -> None:
+        """Write a whole Response: head and body in one write."""
+        body = response.body
+        headers = response.headers
+        if not any(name.lower() == "date" for name, _ in headers):
+            headers = [*headers, ("Date", http_date())]
+        if response.close:
+            self.close = True
+        status = response.status
+        framing = "" if status < 200 or status in _NO_BODY_STATUS else f"Content-Length: {len(body)}\r\n"
+        head = self._head(status, response.reason, headers, framing)
+        self.head_sent = True
+        if self.method == "HEAD" or not framing:
+            body = b""
+        self._out(head + body if body else head)
+
+    async def start(
+        self,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        length: int | None,
+        *,
+        reason: str | None = None,
+        data: bytes = b"",
+        end: bool = False,
+        raw: bool = False,
+    ) -> None:
+        """Send the response head and, after it in the same write, the first body bytes.
+
+        The body is framed by `length` when given, else chunked (or, for HTTP/1.0,
+        delimited by the close). `end` sends the end of the body too. `raw` (a 101
+        Switching Protocols) sends no framing: what follows is the new protocol.
+        """
+        framing = ""
+        has_body = not (raw or status < 200 or status in _NO_BODY_STATUS or self.method == "HEAD")
+        if raw or status < 200:
+            pass
+        elif length is not None:
+            if status not in _NO_BODY_STATUS:
+                framing = f"Content-Length: {length}\r\n"
+        elif has_body:
+            if self.version == (1, 1):
+                framing = "Transfer-Encoding: chunked\r\n"
+                self._chunked = True
+            else:
+                self.close = True  # HTTP/1.0: the body ends when the connection does
+        head = self._head(status, reason, headers, framing, upgrade=raw)
+        self.head_sent = True
+        if not has_body:
+            data, end = b"", False
+        elif self._chunked:
+            if data:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            if end:
+                data += b"0\r\n\r\n"
+        await self._write(head + data if data else head)
+
+    async def write(self, data: bytes) -> None:
+        """More body bytes (framed as the head said), or, after a 101, tunnelled bytes."""
+        if not data:
+            return
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        await self._write(data)
+
+    async def end(self) -> None:
+        """The end of the body (the last chunk, when chunked)."""
+        if self._chunked:
+            self._chunked = False
+            await self._write(b"0\r\n\r\n")
+
+    def _head(
+        self,
+        status: int,
+        reason: str | None,
+        headers: Iterable[tuple[str, str]],
+        framing: str,
+        upgrade: bool = False,
+    ) -> bytes:
+        lines = [f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        if framing:
+            lines.append(framing)
+        if upgrade:
+            pass  # the handler's headers carry Connection: Upgrade
+        elif not self.keeps_alive():
+            self.close = True
+            lines.append("Connection: close\r\n")
+        elif self.version == (1, 0):
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    def _out(self, data: bytes) -> None:
+        if self._conn.client_gone() or self.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        self.transport.write(data)
+
+    async def _write(self, data: bytes) -> None:
+        self._out(data)
+        if self._conn.writing_paused:
+            await self._conn.drain()
+
+    def take_over(self) -> StreamReader:
+        """After a 101: every byte the client sends from now on, unparsed."""
+        return self._conn.take_over()
