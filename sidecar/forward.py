@@ -301,7 +301,9 @@ class Forwarder:
             raise ForwardError("refused", BadRequest(str(exc))) from exc
         self._in_flight[endpoint] = in_flight + 1
         opened = False
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        # pool.loop, not asyncio.get_running_loop(): that costs a getpid() system call on
+        # Python 3.11, and system calls are the dearest thing on this path
+        deadline = None if timeout is None else pool.loop.time() + timeout
         try:
             try:
                 conn = await pool.acquire(deadline)

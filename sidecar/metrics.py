@@ -3,23 +3,29 @@
 Labels stay bounded: methods fold into `read`/`write`, statuses into `2xx`..`5xx`, and
 after `max_services` distinct service names further ones are counted as `other`, so a
 caller that invents names cannot grow the series without bound.
+
+The per-request series (requests, latency, active requests) are plain integers kept by
+`RequestStats` and turned into metric families only when /metrics is scraped: the
+client library's metric objects take a lock on every update, which costs more than the
+rest of the bookkeeping of a proxied request. Everything runs on the event loop thread.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +50,94 @@ _MAX_CACHED = 4096
 
 
 class _InFlight:
-    """A reusable `with` block that counts a request as active on one gauge child."""
+    """A reusable `with` block that counts a request as active in one cell."""
 
-    __slots__ = ("_gauge",)
+    __slots__ = ("cell",)
 
-    def __init__(self, gauge: Any) -> None:
-        self._gauge = gauge
+    def __init__(self) -> None:
+        self.cell = [0]
 
     def __enter__(self) -> None:
-        self._gauge.inc()
+        self.cell[0] += 1
 
     def __exit__(self, *exc: object) -> None:
-        self._gauge.dec()
+        self.cell[0] -= 1
+
+
+class _Latency:
+    """One histogram series: per-bucket (not cumulative) counts, the last one +Inf."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # Prometheus buckets are "less than or equal": the first bound >= seconds
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+_BOUNDS = [floatToGoString(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]
+REQUEST_LABELS = ["direction", "service", "method", "status"]
+
+
+class RequestStats:
+    """The per-request series, as plain numbers; a collector for the registry."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str, str], list[int]] = {}
+        self.latency: dict[tuple[str, str], _Latency] = {}
+        self.active: dict[tuple[str, str], _InFlight] = {}
+
+    def counter(self, labels: tuple[str, str, str, str]) -> list[int]:
+        cell = self.counts.get(labels)
+        if cell is None:
+            cell = self.counts[labels] = [0]
+        return cell
+
+    def histogram(self, labels: tuple[str, str]) -> _Latency:
+        series = self.latency.get(labels)
+        if series is None:
+            series = self.latency[labels] = _Latency()
+        return series
+
+    def gauge(self, labels: tuple[str, str]) -> _InFlight:
+        series = self.active.get(labels)
+        if series is None:
+            series = self.active[labels] = _InFlight()
+        return series
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "sidecar_requests",
+            "Requests handled, by direction, service, method class and status class.",
+            labels=REQUEST_LABELS,
+        )
+        for shape, cell in list(self.counts.items()):
+            requests.add_metric(shape, cell[0])
+        latency = HistogramMetricFamily(
+            "sidecar_request_duration_seconds",
+            "Time from receiving a request to the end of its response, by direction and service.",
+            labels=["direction", "service"],
+        )
+        for pair, series in list(self.latency.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(_BOUNDS, series.buckets, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric(pair, buckets, series.total)
+        active = GaugeMetricFamily(
+            "sidecar_active_requests",
+            "Requests in flight, by direction and service.",
+            labels=["direction", "service"],
+        )
+        for pair, gauge in list(self.active.items()):
+            active.add_metric(pair, gauge.cell[0])
+        yield requests
+        yield latency
+        yield active
 
 
 class Metrics:
@@ -69,32 +151,15 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.max_services = max_services
         self._services: set[str] = set()
-        # label children cached per request shape: labels() costs a lock and a dict walk
-        self._observed: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+        # series cached per request shape: folding labels costs more than counting
+        self._observed: dict[tuple[str, str, str, int], tuple[list[int], _Latency]] = {}
         self._gauges: dict[tuple[str, str], _InFlight] = {}
+        self.stats = RequestStats()
         self._scrape_hooks: list[Callable[[], None]] = []
         r = self.registry
         self.up = Gauge("sidecar_up", "1 while the sidecar runs.", registry=r)
         self.up.set(1)
-        self.requests = Counter(
-            "sidecar_requests",
-            "Requests handled, by direction, service, method class and status class.",
-            ["direction", "service", "method", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "sidecar_request_duration_seconds",
-            "Time from receiving a request to the end of its response, by direction and service.",
-            ["direction", "service"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.active = Gauge(
-            "sidecar_active_requests",
-            "Requests in flight, by direction and service.",
-            ["direction", "service"],
-            registry=r,
-        )
+        r.register(self.stats)
         self.retries = Counter("sidecar_retries", "Retries sent, by service.", ["service"], registry=r)
         self.budget_exhausted = Counter(
             "sidecar_retry_budget_exhausted",
@@ -142,24 +207,24 @@ class Metrics:
     def observe_request(self, direction: str, service: str, method: str, status: int, seconds: float) -> None:
         """Count one finished request and its latency. `direction`: inbound or outbound."""
         key = (direction, service, method, status)
-        children = self._observed.get(key)
-        if children is None:
+        series = self._observed.get(key)
+        if series is None:
             label = self.service_label(service)
-            children = (
-                self.requests.labels(direction, label, method_class(method), status_class(status)),
-                self.latency.labels(direction, label),
+            series = (
+                self.stats.counter((direction, label, method_class(method), status_class(status))),
+                self.stats.histogram((direction, label)),
             )
             if len(self._observed) < _MAX_CACHED:
-                self._observed[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+                self._observed[key] = series
+        series[0][0] += 1
+        series[1].observe(seconds)
 
     def in_flight(self, direction: str, service: str) -> _InFlight:
         """Counts a request as active for the duration of the `with` block."""
         key = (direction, service)
         gauge = self._gauges.get(key)
         if gauge is None:
-            gauge = _InFlight(self.active.labels(direction, self.service_label(service)))
+            gauge = self.stats.gauge((direction, self.service_label(service)))
             if len(self._gauges) < _MAX_CACHED:
                 self._gauges[key] = gauge
         return gauge

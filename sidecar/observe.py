@@ -15,6 +15,7 @@ class Observer:
     def __init__(self, metrics: Metrics, access_log: AccessLog, exporter: SpanExporter | None = None) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        self._logging = access_log.enabled
         self.exporter = exporter
 
     def __repr__(self) -> str:
@@ -36,18 +37,19 @@ class Observer:
         """Record one request that `started` (monotonic seconds) and ended now with `status`."""
         duration = time.monotonic() - started
         self.metrics.observe_request(direction, service, request.method, status, duration)
-        self.access_log.log(
-            direction=direction,
-            method=request.method,
-            target=request.raw_path,
-            status=status,
-            duration=duration,
-            service=service,
-            instance=instance,
-            attempts=attempts,
-            request_id=request_id,
-            trace_id=trace.trace_id,
-        )
+        if self._logging:
+            self.access_log.log(
+                direction=direction,
+                method=request.method,
+                target=request.raw_path,
+                status=status,
+                duration=duration,
+                service=service,
+                instance=instance,
+                attempts=attempts,
+                request_id=request_id,
+                trace_id=trace.trace_id,
+            )
         if self.exporter is not None:
             end_ns = time.time_ns()
             self.exporter.export(

@@ -117,7 +117,7 @@ class Pool:
         self.endpoint = endpoint
         self._on_empty = on_empty
         self.host, self.port = split_endpoint(endpoint)
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._max = max_connections
         self._keepalive = keepalive_timeout
         self._connect_timeout = connect_timeout
@@ -137,7 +137,7 @@ class Pool:
         """An idle connection, a new one, or the next one released. Raises ConnectTimeout,
         HeadTimeout (the per-try `deadline` passed first) or OSError."""
         idle = self._idle
-        loop = self._loop
+        loop = self.loop
         if idle:
             now = loop.time()
             while idle:
@@ -186,11 +186,11 @@ class Pool:
         self, waiter: asyncio.Future[Any], connect_by: float, deadline: float | None
     ) -> asyncio.TimerHandle:
         if deadline is not None and deadline < connect_by:
-            return self._loop.call_at(deadline, _fail, waiter, HeadTimeout)
-        return self._loop.call_at(connect_by, _fail, waiter, ConnectTimeout)
+            return self.loop.call_at(deadline, _fail, waiter, HeadTimeout)
+        return self.loop.call_at(connect_by, _fail, waiter, ConnectTimeout)
 
     async def _connect(self, connect_by: float, deadline: float | None) -> ResponseHandler:
-        loop = self._loop
+        loop = self.loop
         until = connect_by if deadline is None else min(connect_by, deadline)
         try:
             async with asyncio.timeout_at(until):
@@ -215,10 +215,10 @@ class Pool:
                 if not waiter.done():
                     waiter.set_result(conn)
                     return
-            expires = self._loop.time() + self._keepalive
+            expires = self.loop.time() + self._keepalive
             self._idle.append((conn, expires))
             if self._cleanup is None:
-                self._cleanup = self._loop.call_at(expires, self._expire)
+                self._cleanup = self.loop.call_at(expires, self._expire)
             return
         conn.close()
         self._lost(conn)
@@ -245,13 +245,13 @@ class Pool:
     def _expire(self) -> None:
         self._cleanup = None
         idle = self._idle
-        now = self._loop.time()
+        now = self.loop.time()
         while idle and (idle[0][1] <= now or not idle[0][0].is_connected()):
             conn, _ = idle.popleft()
             conn.close()
             self._lost(conn)
         if idle:
-            self._cleanup = self._loop.call_at(idle[0][1], self._expire)
+            self._cleanup = self.loop.call_at(idle[0][1], self._expire)
         else:
             self._maybe_empty()
 
@@ -282,7 +282,7 @@ class Pool:
     ) -> UpstreamResponse:
         """Send one request on `conn` (from `acquire`) and wait until the loop time
         `deadline` for its response head. `head` comes from `request_head`."""
-        loop = self._loop
+        loop = self.loop
         writer: asyncio.Task[None] | None = None
         handle: asyncio.TimerHandle | None = None
         try:
