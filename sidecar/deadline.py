@@ -72,6 +72,8 @@ def from_headers(headers: Mapping[str, str], configured: float, now: float) -> D
     """
     budget = configured
     source: Source = "config"
+    if TIMEOUT_HEADER not in headers and DEADLINE_HEADER not in headers:
+        return Deadline(expires_at=now + budget, budget=budget, source=source)
     for header, kind in _SOURCES:
         asked = parse_ms(headers.get(header))
         if asked is not None and asked < budget:

@@ -117,6 +117,8 @@ def from_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], *, sample_new: bool = True
 ) -> TraceContext:
     """This hop's span for a request with `headers` (several traceparent headers: invalid)."""
+    if TRACEPARENT not in headers:  # the common case at the edge of the mesh: a new trace
+        return TraceContext(_random_hex(None, 128), None, _random_hex(None, 64), SAMPLED if sample_new else 0)
     parents = headers.getall(TRACEPARENT, ())
     traceparent = parents[0] if len(parents) == 1 else None
     states = headers.getall(TRACESTATE, ())
