@@ -210,11 +210,12 @@ class Harness:
         name: str,
         argv: list[str],
         *,
-        core: int | None = None,
+        core: int | str | None = None,
         env: dict[str, str] | None = None,
         stop_signal: int = signal.SIGTERM,
         second_signal: bool = False,
     ) -> Proc:
+        """Start `argv` in its own session; `core`: a core or a taskset list ("0,1")."""
         if core is not None:
             argv = ["taskset", "-c", str(core), *argv]
         log_path = self.workdir / f"{name}.log"

@@ -197,6 +197,34 @@ def verdicts(med: dict[str, dict[str, Any]], rss: dict[str, dict[str, Any]]) -> 
     return out
 
 
+def scaling_table(med: dict[str, dict[str, Any]], conns: list[int], workers: int) -> str:
+    """The `workers` target against the one-process sidecar, per connection count."""
+    headers = [
+        "conns",
+        "1 process req/s",
+        f"{workers} workers req/s",
+        "speed-up",
+        "1 process us/req",
+        f"{workers} workers us/req",
+        f"{workers} workers cpu %",
+    ]
+    body = []
+    for c in conns:
+        one, many = med.get(f"small/sidecar/{c}", {}), med.get(f"small/workers/{c}", {})
+        body.append(
+            [
+                str(c),
+                fmt(one.get("rps")),
+                fmt(many.get("rps")),
+                fmt(_ratio(many.get("rps"), one.get("rps")), 2) + "x",
+                fmt(one.get("cpu_us")),
+                fmt(many.get("cpu_us")),
+                fmt(many.get("proxy_core_pct"), 0),
+            ]
+        )
+    return table(headers, body)
+
+
 def verdict_table(rows: list[dict[str, Any]]) -> str:
     headers = ["issue 7 metric", "nginx", "sidecar", "ratio", "mesh", "ratio", "target", "sidecar"]
     body = [

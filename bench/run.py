@@ -42,6 +42,7 @@ from report import (
     median_row,
     profile_summary,
     profile_text,
+    scaling_table,
     small_table,
     transfer_table,
     verdict_table,
@@ -49,7 +50,7 @@ from report import (
 )
 from stack import Stack, Target, start_stack
 
-ALL_TARGETS = ["direct", "sidecar", "mesh", "nginx"]
+ALL_TARGETS = ["direct", "sidecar", "mesh", "nginx", "workers"]
 PATHS = {"small": "/small", "download": "/10m", "upload": "/upload"}
 
 
@@ -64,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proxy-core", type=int, default=0, help="core for the sidecars and nginx proxy")
     p.add_argument("--load-core", type=int, default=1, help="core for wrk (and this driver)")
     p.add_argument("--app-core", type=int, default=1, help="core for the upstream app")
+    p.add_argument("--workers", type=int, default=2, help="processes of the `workers` target (--workers N)")
+    p.add_argument(
+        "--workers-cores", help="taskset core list for the `workers` target (default: the first N cores)"
+    )
     p.add_argument("--keepalive-conns", type=int, default=1000, help="idle connections for the RSS column")
     p.add_argument("--profile", type=Path, help="py-spy the one-hop sidecar at 16 conns; raw stacks here")
     p.add_argument("--profile-seconds", type=float, default=10.0)
@@ -79,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (2 if args.quick else 8)
     args.conns = [int(c) for c in args.conns.split(",") if c]
     args.targets = [t for t in args.targets.split(",") if t]
+    if args.workers < 2:
+        p.error("--workers must be at least 2 (the sidecar row is the one-process case)")
+    args.workers_cores = args.workers_cores or ",".join(
+        str(c) for c in range(min(args.workers, os.cpu_count() or 1))
+    )
     unknown = set(args.targets) - set(ALL_TARGETS)
     if unknown:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
@@ -310,7 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness(workdir)
     result: dict[str, Any] = {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()}}
     try:
-        stack = start_stack(harness, args.targets, args.proxy_core, args.app_core, args.access_log)
+        stack = start_stack(
+            harness,
+            args.targets,
+            args.proxy_core,
+            args.app_core,
+            args.access_log,
+            workers=args.workers,
+            workers_cores=args.workers_cores,
+        )
         if not args.profile_only:
             result.update(run_matrix(harness, stack, args))
             med, rss = result["medians"], result["rss"]
@@ -325,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print("issue 7 targets (ratio = target / nginx, same run):")
             print(verdict_table(result["verdicts"]))
+            if "workers" in names and "sidecar" in names:
+                print()
+                print(
+                    f"--workers {args.workers} on cores {args.workers_cores} against one sidecar process on "
+                    f"core {args.proxy_core} (wrk and the app on core {args.load_core}):"
+                )
+                print(scaling_table(med, args.conns, args.workers))
         if args.profile:
             print()
             result["profile"] = run_profile(harness, stack, args)

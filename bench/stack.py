@@ -3,6 +3,7 @@
     direct   wrk -> app
     sidecar  wrk -> sidecar B inbound -> app                                  (one hop)
     mesh     wrk -> sidecar A outbound (/upstream/...) -> sidecar B inbound -> app
+    workers  wrk -> sidecar W inbound (--workers N, on N cores) -> app       (scaling)
     nginx    wrk -> nginx keep-alive reverse proxy (1 worker) -> app           (the reference)
 
 The app is nginx too (1 worker): `return 200` for the small response, a static 10 MiB file
@@ -144,9 +145,16 @@ class Stack:
 
 
 def start_stack(
-    harness: Harness, names: list[str], proxy_core: int, app_core: int, access_log: bool = False
+    harness: Harness,
+    names: list[str],
+    proxy_core: int,
+    app_core: int,
+    access_log: bool = False,
+    workers: int = 2,
+    workers_cores: str = "0,1",
 ) -> Stack:
-    """Start the app and the targets in `names`; the proxies log each request only with `access_log`."""
+    """Start the app and the targets in `names`; the proxies log each request only with `access_log`.
+    The `workers` target is one sidecar with `--workers` processes on `workers_cores`."""
     work = harness.workdir
     app_dir = work / "app"
     (app_dir / "www").mkdir(parents=True)
@@ -188,6 +196,25 @@ def start_stack(
             wait_http(f"{base}/small", a, want=SMALL_BODY)
             targets["mesh"] = Target("mesh", base, a_ports[1], f"/{UPSTREAM_NAME}", [a, b])
 
+    if "workers" in names:
+        # its own registry file: another instance of the same name would join the mesh row
+        w_ports = _sidecar_ports()
+        w = _start_sidecar(
+            harness,
+            "sidecar-workers",
+            UPSTREAM_NAME,
+            app_port,
+            w_ports,
+            work / "registry-workers.sqlite3",
+            workers_cores,
+            access_log,
+            extra=["--workers", str(workers)],
+        )
+        sidecars["workers"] = w
+        wait_http(f"http://127.0.0.1:{w_ports[2]}/ready", w)
+        wait_http(f"http://127.0.0.1:{w_ports[0]}/small", w, want=SMALL_BODY)
+        targets["workers"] = Target("workers", f"http://127.0.0.1:{w_ports[0]}", w_ports[0], "", [w])
+
     if "nginx" in names:
         port = free_port()
         proxy = _start_nginx(
@@ -215,8 +242,9 @@ def _start_sidecar(
     app_port: int,
     ports: tuple[int, int, int],
     registry: Path,
-    core: int,
+    core: int | str,
     access_log: bool,
+    extra: list[str] | None = None,
 ) -> Proc:
     inbound, outbound, admin = ports
     argv = [
@@ -245,5 +273,6 @@ def _start_sidecar(
         "0",
         "--access-log",
         "json" if access_log else "off",
+        *(extra or []),
     ]
     return harness.start(label, argv, core=core, second_signal=True)

@@ -25,7 +25,6 @@ from typing import Literal
 
 import aiohttp
 from aiohttp import http_exceptions
-from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import (
@@ -379,7 +378,7 @@ class Forwarder:
         try:
             if content.is_eof():
                 # The body arrived whole with its head: one write, with a Content-Length.
-                data = b"".join(_drain_buffer(content))
+                data = content.read_nowait()  # all of it, in one call
                 if length is None and request.method != "HEAD":
                     length = len(data)
                 if transport is not None and not _fits(transport, data):
@@ -414,15 +413,6 @@ class Forwarder:
             if watchdog is not None:
                 watchdog.cancel()
         return response
-
-
-def _drain_buffer(content: StreamReader) -> list[bytes]:
-    chunks: list[bytes] = []
-    while True:
-        chunk = content.read_nowait()
-        if not chunk:
-            return chunks
-        chunks.append(chunk)
 
 
 # A write this small into a transport buffer this empty cannot reach the transport's high

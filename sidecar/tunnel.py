@@ -59,6 +59,8 @@ def is_upgrade(request: Request) -> bool:
     `Upgrade: websocket`. Any other Upgrade token is refused here; the normal path
     strips it and the app sees a plain request.
     """
+    if "Upgrade" not in request.headers:
+        return False
     if request.method != "GET" or request.version != (1, 1) or request.body_exists:
         return False
     if "upgrade" not in connection_listed(request.headers):
