@@ -246,7 +246,7 @@ class Forwarder:
         headers, request_id = request_headers(request, host)
         for key, value in extra_headers:
             headers[key] = value
-        body = await self.body(request)
+        body = self.body(request)
         # No retry here: the caller's sidecar decides retries with the whole picture
         # (idempotency, budget, other instances), so a request reaches the app at most once
         # per attempt.
@@ -256,7 +256,7 @@ class Forwarder:
             raise err.error from err
         return await self.relay(request, upstream, request_id, body)
 
-    async def body(self, request: Request) -> LimitedBody | None:
+    def body(self, request: Request) -> LimitedBody | None:
         """The request body as a byte stream with the size limit applied, or None.
 
         A declared length over the limit is refused before anything is read (and before a
@@ -305,7 +305,9 @@ class Forwarder:
         deadline = None if timeout is None else pool.loop.time() + timeout
         try:
             try:
-                conn = await pool.acquire(deadline)
+                conn = pool.idle()  # (a ResponseHandler is falsy while its queue is empty)
+                if conn is None:
+                    conn = await pool.acquire(deadline)
             except HeadTimeout as exc:
                 raise ForwardError("timeout", UpstreamTimeout(f"timed out waiting for {endpoint}")) from exc
             except ConnectTimeout as exc:

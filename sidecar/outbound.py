@@ -195,7 +195,7 @@ class Outbound:
         budget.record_request()
         if is_upgrade(request):
             return await self._tunnel(request, service, path, instances, headers, deadline, call)
-        limited = await self.forwarder.body(request)
+        limited = self.forwarder.body(request)
         body = ReplayBuffer(aiter(limited)) if limited is not None else None
         tried: set[str] = set()
         policy = self.policy

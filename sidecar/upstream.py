@@ -133,19 +133,26 @@ class Pool:
 
     # -- connections -------------------------------------------------------------------
 
-    async def acquire(self, deadline: float | None) -> ResponseHandler:
-        """An idle connection, a new one, or the next one released. Raises ConnectTimeout,
-        HeadTimeout (the per-try `deadline` passed first) or OSError."""
+    def idle(self) -> ResponseHandler | None:
+        """An idle connection that is still open, or None (then `acquire`)."""
         idle = self._idle
-        loop = self.loop
         if idle:
-            now = loop.time()
+            now = self.loop.time()
             while idle:
                 conn, expires = idle.pop()
                 if expires > now and conn.is_connected():
                     return conn
                 conn.close()
                 self._lost(conn)
+        return None
+
+    async def acquire(self, deadline: float | None) -> ResponseHandler:
+        """An idle connection, a new one, or the next one released. Raises ConnectTimeout,
+        HeadTimeout (the per-try `deadline` passed first) or OSError."""
+        ready = self.idle()
+        if ready is not None:
+            return ready
+        loop = self.loop
         connect_by = loop.time() + self._connect_timeout
         if self.size >= self._max:
             waiter: asyncio.Future[ResponseHandler | None] = loop.create_future()
