@@ -177,7 +177,7 @@ class ClientConnection(BaseProtocol):
     )
 
     def __init__(self, server: Server) -> None:
-        super().__init__(server.loop)
+        super().__init__(asyncio.get_running_loop())  # once per connection, not per request
         self._parser = self._make_parser()
         self._server = server
         self._queue: collections.deque[tuple[Any, StreamReader]] = collections.deque()
@@ -468,7 +468,6 @@ class Server:
         self.handler = handler
         self.limits = limits
         self.sidecar_name = sidecar_name
-        self.loop = asyncio.get_event_loop()
         self.connections: set[ClientConnection] = set()
         self.refused = 0
 
@@ -487,8 +486,9 @@ class Server:
         then abort what is left."""
         for conn in list(self.connections):
             conn.shutdown()
-        deadline = self.loop.time() + grace
-        while self.busy() and self.loop.time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.busy() and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             task = conn._task

@@ -9,7 +9,9 @@ case can assert that nothing reached it. Run alone with:  pytest -m corpus
 
 from __future__ import annotations
 
+import email.utils
 import json
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -394,6 +396,42 @@ def test_connection_closed_after_an_error_in_a_pipeline(stack, listener):
     assert second is not None and second.status == 400
     assert closed, "the connection must be closed after the 400"
     assert [t.rsplit("/", 1)[-1] for t in seen] == ["ok1"], f"app saw {seen}"
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_a_streamed_body_is_chunked_for_http11_and_ends_with_the_close_for_http10(stack, listener):
+    """RFC 9112 section 6: an HTTP/1.0 client cannot read chunked; a body of unknown length
+    reaches it delimited by the close, with `Connection: close`."""
+    v = stack.subst(listener)
+    modern = exchange(stack.port(listener), fill(get(target=b"/stream"), v))
+    assert modern.first.status == 200 and modern.first.complete, modern.describe()
+    assert (modern.first.header("Transfer-Encoding") or "").lower() == "chunked"
+    assert modern.first.body == b"hello world"
+    assert not modern.closed, "a chunked answer keeps the connection"
+    old = exchange(stack.port(listener), fill(get(target=b"/stream", version=b"HTTP/1.0"), v))
+    assert old.first.status == 200 and old.first.body == b"hello world", old.describe()
+    assert old.first.header("Transfer-Encoding") is None and old.first.header("Content-Length") is None
+    assert (old.first.header("Connection") or "").lower() == "close" and old.closed
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(stack, listener):
+    with RawConn(stack.port(listener)) as conn:
+        conn.send(fill(get(target=b"/half"), stack.subst(listener)))
+        conn.sock.shutdown(socket.SHUT_WR)
+        resp = conn.read_response("GET")
+        closed = conn.wait_closed(2)
+    assert resp is not None and resp.status == 200 and resp.complete, resp
+    assert json.loads(resp.body)["target"] == "/half"
+    assert closed, "the sidecar closes once the half-closed client has its answer"
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_the_sidecars_own_answers_carry_a_date(stack, listener):
+    ex = exchange(stack.port(listener), fill(get(target=b"/x#fragment"), stack.subst(listener)))
+    assert ex.first.status == 400 and ex.first.header("X-Sidecar-Error") == "bad_request", ex.describe()
+    date = ex.first.header("Date") or ""
+    assert email.utils.parsedate_to_datetime(date).tzinfo is not None, date
 
 
 @pytest.mark.parametrize("listener", LISTENERS)

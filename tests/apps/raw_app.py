@@ -133,6 +133,13 @@ class App:
                 writer.write(data)
                 await writer.drain()
             return False
+        if path == "/stream":  # a chunked body whose end comes later than its head
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(b"6\r\n world\r\n0\r\n\r\n")
+            await writer.drain()
+            return True
         if path == "/ws-refuse":
             return await answer(writer, 403, {"refused": True})
         if path == "/hop-response":
