@@ -165,7 +165,7 @@ class ClientConnection(BaseProtocol):
         "_eof",
         "_head_timer",
         "_held",
-        "_idle_timer",
+        "_idle_since",
         "_lingering",
         "_queue",
         "_raw",
@@ -185,7 +185,9 @@ class ClientConnection(BaseProtocol):
         self._request: Request | None = None
         self._eof = False  # the client half-closed: answer what it asked, then close
         self._head_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # loop time since when the connection waits for a request (None: busy); the
+        # listener's sweep closes it after idle_timeout, so no timer is made per request
+        self._idle_since: float | None = None
         self._raw: StreamReader | None = None  # after a 101: the client's bytes, unparsed
         self._held = b""  # bytes after an upgrade request, until a tunnel takes them
         self._lingering = False
@@ -255,11 +257,6 @@ class ClientConnection(BaseProtocol):
             if len(self._held) > READ_BUFSIZE:
                 self._pause_reading_for_buffer()
             return
-        if self._head_timer is None and self._task is None and not self._queue and data:
-            # The head timer runs from the first byte of a request to the end of its head;
-            # an idle connection (no byte yet) is the idle timer's business instead.
-            self._cancel_idle()
-            self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
         parser = self._parser
         assert parser is not None
         try:
@@ -277,6 +274,12 @@ class ClientConnection(BaseProtocol):
                 self._pause_reading_for_buffer()
             if self._task is None:
                 self._next()
+        elif self._head_timer is None and self._task is None and not self._queue and data:
+            # Part of a request head: the head timer runs from its first byte to its end
+            # (a head that arrives whole, the usual case, never needs one). An idle
+            # connection (no byte yet) is the idle sweep's business instead.
+            self._idle_since = None
+            self._head_timer = self._loop.call_later(self._server.limits.header_timeout, self._head_timed_out)
 
     def eof_received(self) -> bool:
         if self._raw is not None:
@@ -440,22 +443,20 @@ class ClientConnection(BaseProtocol):
         self._answer_and_close(RequestTimeout(f"no complete request head within {timeout:g}s"))
 
     def _arm_idle(self) -> None:
-        self._cancel_idle()
-        self._idle_timer = self._loop.call_later(self._server.limits.idle_timeout, self._idle_timed_out)
+        self._idle_since = self._loop.time()
 
-    def _idle_timed_out(self) -> None:
-        self._idle_timer = None
+    def idle_expired(self, now: float, timeout: float) -> bool:
+        """Close the connection when it waited longer than `timeout` for a request."""
+        since = self._idle_since
+        if since is None or now - since < timeout:
+            return False
         if self.transport is not None and self._task is None and not self._queue and self._raw is None:
             self.closing = True
             self.transport.close()
-
-    def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        return True
 
     def _cancel_timers(self) -> None:
-        self._cancel_idle()
+        self._idle_since = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -470,6 +471,20 @@ class Server:
         self.sidecar_name = sidecar_name
         self.connections: set[ClientConnection] = set()
         self.refused = 0
+        self._sweep_handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Close idle keep-alive connections from now on (one sweep for all of them)."""
+        self._sweep()
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.idle_timeout
+        now = loop.time()
+        for conn in list(self.connections):
+            conn.idle_expired(now, timeout)
+        # closed at most a quarter of the timeout late (and at most a second)
+        self._sweep_handle = loop.call_later(min(1.0, timeout / 4), self._sweep)
 
     @property
     def open_connections(self) -> int:
@@ -484,6 +499,9 @@ class Server:
     async def shutdown(self, grace: float) -> None:
         """Close idle connections now, let answers in progress finish for `grace` seconds,
         then abort what is left."""
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         for conn in list(self.connections):
             conn.shutdown()
         loop = asyncio.get_running_loop()
@@ -640,6 +658,7 @@ class Listener:
                 exc.errno,
                 f"{self.name} listener cannot bind {self.host}:{self.requested_port}: {exc.strerror}",
             ) from exc
+        self.server.start()
         self._acceptor = Acceptor(loop, sockets, self.server)
         self.port = sockets[0].getsockname()[1]
 

@@ -293,18 +293,21 @@ class Pool:
         writer: asyncio.Task[None] | None = None
         handle: asyncio.TimerHandle | None = None
         try:
+            # The wait for the head is bounded by `deadline`; aiohttp's idle read timeout
+            # (a timer re-armed on every read) only guards a body that is still coming.
             conn.set_response_params(
                 skip_payload=method in EMPTY_BODY_METHODS,
                 read_until_eof=True,
                 auto_decompress=False,
-                read_timeout=self._read_timeout,
+                read_timeout=self._read_timeout if deadline is None else None,
                 read_bufsize=READ_BUFSIZE,
             )
             transport = conn.transport
             if transport is None:
                 raise ClientConnectionResetError("the connection closed before the request was sent")
             transport.write(head)
-            conn.start_timeout()
+            if deadline is None:
+                conn.start_timeout()
             if body is not None:
                 writer = loop.create_task(_send_body(conn, body, chunked))
                 writer.add_done_callback(lambda task: _body_done(task, conn))
@@ -324,6 +327,9 @@ class Pool:
             raise
         if handle is not None:
             handle.cancel()
+        if deadline is not None and not payload.is_eof():
+            conn.read_timeout = self._read_timeout
+            conn.start_timeout()  # dropped by aiohttp when the body ends
         return UpstreamResponse(self, conn, writer, code, message.reason, message.headers, payload)
 
 
