@@ -9,7 +9,6 @@ address taken from the request is never dialled.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 import time
 from dataclasses import dataclass
@@ -45,13 +44,9 @@ RESERVED_NAMES = frozenset({"localhost", "consul"})
 
 
 def _is_service_name(host: str) -> bool:
-    if not host or host in RESERVED_NAMES or not _SERVICE_RE.match(host):
-        return False
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return True
-    return False
+    # The pattern has no '.' and no ':', so no IPv4 or IPv6 literal can pass it; names
+    # are only ever looked up in the registry anyway, never resolved.
+    return bool(host) and host not in RESERVED_NAMES and _SERVICE_RE.match(host) is not None
 
 
 def _split_host(authority: str) -> str:
