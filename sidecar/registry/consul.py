@@ -31,13 +31,15 @@ response headers (`X-Consul-Results-Filtered-By-ACLs`), and the check update end
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
 import math
 import ssl
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -356,6 +358,20 @@ def _raw(response: consul.base.Response) -> consul.base.Response:
     return response
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No garbage collection while a large answer is parsed: JSON makes no reference
+    cycles, and a 10,000-instance answer is some 200,000 new objects, which would trigger
+    several collections for nothing (a fifth of the parse time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class ConsulRegistry(Registry):
     """A `Registry` on a Consul agent: one TTL check per instance, health via blocking queries.
 
@@ -484,7 +500,7 @@ class ConsulRegistry(Registry):
         if resp.code == 404:
             raise RegistryError(f"consul at {self._settings.hostport} answered 404 to {op}")
         new_index = self._index(resp, op)
-        instances = self._instances(name, self._json_list(resp, op), op)
+        instances = self.healthy_instances(name, resp.body, op)
         if instances:
             return QueryResult(index=new_index, known=True, instances=instances)
         if resp.headers.get("X-Consul-Results-Filtered-By-ACLs", "").lower() == "true":
@@ -501,8 +517,13 @@ class ConsulRegistry(Registry):
             params=catalog_params,
             needs=needs,
         )
-        known = cat.code != 404 and bool(self._json_list(cat, f"looking up {name!r} in the catalog"))
+        known = cat.code != 404 and bool(self._json_list(cat.body, f"looking up {name!r} in the catalog"))
         return QueryResult(index=new_index, known=known, instances=())
+
+    def healthy_instances(self, name: str, body: str, op: str) -> tuple[Instance, ...]:
+        """The instances in the body of a `/v1/health/service/<name>` answer."""
+        with _gc_paused():
+            return self._instances(name, self._json_list(body, op), op)
 
     def _instances(self, name: str, entries: list[Any], op: str) -> tuple[Instance, ...]:
         """Instances from health entries, reusing the ones whose Service.ModifyIndex (and node
@@ -633,12 +654,12 @@ class ConsulRegistry(Registry):
             ) from None
         return max(index, 1)
 
-    def _json_list(self, resp: consul.base.Response, op: str) -> list[Any]:
+    def _json_list(self, body: str, op: str) -> list[Any]:
         try:
-            data = json.loads(resp.body)
+            data = json.loads(body)
         except (TypeError, ValueError):
             data = None
-        if data is None and resp.body in ("null", ""):
+        if data is None and body in ("null", ""):
             return []
         if not isinstance(data, list):
             raise RegistryUnavailable(
@@ -651,12 +672,12 @@ class ConsulRegistry(Registry):
             service = entry["Service"]
             node = entry.get("Node") or {}
             return Instance(
-                id=str(service["ID"]),
-                name=str(service.get("Service") or name),
-                address=str(service.get("Address") or node.get("Address") or ""),
-                port=int(service.get("Port") or 0),
-                tags=tuple(str(t) for t in service.get("Tags") or ()),
-                meta={str(k): str(v) for k, v in (service.get("Meta") or {}).items()},
+                str(service["ID"]),
+                str(service.get("Service") or name),
+                str(service.get("Address") or node.get("Address") or ""),
+                int(service.get("Port") or 0),
+                tuple(map(str, service.get("Tags") or ())),
+                {k: v if type(v) is str else str(v) for k, v in (service.get("Meta") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise RegistryUnavailable(
