@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import socket
 from collections.abc import AsyncIterable, Callable
 from typing import Any
@@ -124,6 +126,13 @@ class Pool:
         self._read_timeout = read_timeout
         self._idle: collections.deque[tuple[ResponseHandler, float]] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[ResponseHandler | None]] = collections.deque()
+        # When each waiter gives up: a heap of (loop time, seq, waiter, error) under one
+        # timer for the earliest, instead of a timer per waiting request. Entries of
+        # waiters served meanwhile are dropped when they reach the top.
+        self._expiry: list[tuple[float, int, asyncio.Future[Any], type[Exception]]] = []
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_when = 0.0
+        self._seq = itertools.count()
         self._cleanup: asyncio.TimerHandle | None = None
         self.size = 0  # open connections, idle or busy, plus connects under way
         self.closed = False
@@ -157,7 +166,10 @@ class Pool:
         if self.size >= self._max:
             waiter: asyncio.Future[ResponseHandler | None] = loop.create_future()
             self._waiters.append(waiter)
-            handle = self._timer(waiter, connect_by, deadline)
+            if deadline is not None and deadline < connect_by:
+                self._give_up_at(deadline, waiter, HeadTimeout)
+            else:
+                self._give_up_at(connect_by, waiter, ConnectTimeout)
             try:
                 got = await waiter
             except BaseException:
@@ -175,8 +187,6 @@ class Pool:
                     except ValueError:
                         pass
                 raise
-            finally:
-                handle.cancel()
             if got is not None:
                 return got
             # a slot was handed over (size already counts us): connect
@@ -189,12 +199,35 @@ class Pool:
             self._wake()
             raise
 
-    def _timer(
-        self, waiter: asyncio.Future[Any], connect_by: float, deadline: float | None
-    ) -> asyncio.TimerHandle:
-        if deadline is not None and deadline < connect_by:
-            return self.loop.call_at(deadline, _fail, waiter, HeadTimeout)
-        return self.loop.call_at(connect_by, _fail, waiter, ConnectTimeout)
+    def _give_up_at(self, when: float, waiter: asyncio.Future[Any], error: type[Exception]) -> None:
+        heapq.heappush(self._expiry, (when, next(self._seq), waiter, error))
+        if self._expiry_timer is None or when < self._expiry_when:
+            self._arm_expiry(when)
+
+    def _arm_expiry(self, when: float) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        self._expiry_when = when
+        self._expiry_timer = self.loop.call_at(when, self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        self._expiry_timer = None
+        heap = self._expiry
+        now = self.loop.time()
+        while heap and (heap[0][0] <= now or heap[0][2].done()):
+            _when, _seq, waiter, error = heapq.heappop(heap)
+            _fail(waiter, error)
+        if heap:
+            self._arm_expiry(heap[0][0])
+
+    def _drop_served(self) -> None:
+        """Forget the expiries of waiters already served (FIFO: usually the earliest)."""
+        heap = self._expiry
+        while heap and heap[0][2].done():
+            heapq.heappop(heap)
+        if not heap and self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
 
     async def _connect(self, connect_by: float, deadline: float | None) -> ResponseHandler:
         loop = self.loop
@@ -221,6 +254,7 @@ class Pool:
                 waiter = waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(conn)
+                    self._drop_served()
                     return
             expires = self.loop.time() + self._keepalive
             self._idle.append((conn, expires))
@@ -247,6 +281,7 @@ class Pool:
             if not waiter.done():
                 self.size += 1
                 waiter.set_result(None)
+                self._drop_served()
                 return
 
     def _expire(self) -> None:
@@ -264,6 +299,10 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._expiry.clear()
         if self._cleanup is not None:
             self._cleanup.cancel()
             self._cleanup = None
