@@ -37,6 +37,7 @@ class Inbound:
         self.forwarder = forwarder
         self.observer = observer
         self.metrics = observer.metrics
+        self._in_flight = observer.metrics.in_flight("inbound", name)  # one series: looked up once
         self.request_timeout = request_timeout
         self.requests = 0
 
@@ -48,7 +49,7 @@ class Inbound:
         started = time.monotonic()
         trace = tracing.from_headers(request.headers)
         deadline = deadline_from(request.headers, self.request_timeout, started)
-        with self.metrics.in_flight("inbound", self.name):
+        with self._in_flight:
             try:
                 if not self.health.healthy:
                     raise AppUnhealthy(f"app {self.name!r} is unhealthy: {self.health.state.output}")

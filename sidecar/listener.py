@@ -401,6 +401,18 @@ class ClientConnection(BaseProtocol):
             reader.feed_eof()
         return reader
 
+    @property
+    def busy(self) -> bool:
+        """Answering a request, or carrying a tunnel."""
+        return self._task is not None or self._raw is not None
+
+    def force_close(self) -> None:
+        """The grace period is over: drop the connection and the answer under way on it."""
+        task = self._task
+        self.abort()
+        if task is not None:
+            task.cancel()
+
     def abort(self) -> None:
         self.closing = True
         if self.transport is not None:
@@ -494,7 +506,7 @@ class Server:
         return ClientConnection(self)
 
     def busy(self) -> int:
-        return sum(1 for conn in self.connections if conn._task is not None or conn._raw is not None)
+        return sum(1 for conn in self.connections if conn.busy)
 
     async def shutdown(self, grace: float) -> None:
         """Close idle connections now, let answers in progress finish for `grace` seconds,
@@ -509,10 +521,7 @@ class Server:
         while self.busy() and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
-            task = conn._task
-            conn.abort()
-            if task is not None:
-                task.cancel()
+            conn.force_close()
 
 
 # Connections taken from the accept queue per readiness event. libuv (under uvloop)

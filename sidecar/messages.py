@@ -171,19 +171,13 @@ class Request:
 
     def send(self, response: Response) -> None:
         """Write a whole Response: head and body in one write."""
-        body = response.body
         headers = response.headers
         if not any(name.lower() == "date" for name, _ in headers):
             headers = [*headers, ("Date", http_date())]
         if response.close:
             self.close = True
-        status = response.status
-        framing = "" if status < 200 or status in _NO_BODY_STATUS else f"Content-Length: {len(body)}\r\n"
-        head = self._head(status, response.reason, headers, framing)
-        self.head_sent = True
-        if self.method == "HEAD" or not framing:
-            body = b""
-        self._out(head + body if body else head)
+        body = response.body
+        self._out(self._compose(response.status, response.reason, headers, len(body), body, True, False))
 
     async def start(
         self,
@@ -202,29 +196,44 @@ class Request:
         delimited by the close). `end` sends the end of the body too. `raw` (a 101
         Switching Protocols) sends no framing: what follows is the new protocol.
         """
+        await self._write(self._compose(status, reason, headers, length, data, end, raw))
+
+    def _compose(
+        self,
+        status: int,
+        reason: str | None,
+        headers: Iterable[tuple[str, str]],
+        length: int | None,
+        data: bytes,
+        end: bool,
+        raw: bool,
+    ) -> bytes:
+        """The head with its framing, and the first body bytes framed to match."""
         framing = ""
-        has_body = not (raw or status < 200 or status in _NO_BODY_STATUS or self.method == "HEAD")
-        if raw or status < 200:
+        unframed = raw or status < 200 or status in _NO_BODY_STATUS
+        has_body = not (unframed or self.method == "HEAD")
+        if unframed:
             pass
-        elif length is not None:
-            if status not in _NO_BODY_STATUS:
-                framing = f"Content-Length: {length}\r\n"
-        elif has_body:
-            if self.version == (1, 1):
-                framing = "Transfer-Encoding: chunked\r\n"
-                self._chunked = True
-            else:
-                self.close = True  # HTTP/1.0: the body ends when the connection does
+        elif length is not None:  # also for HEAD: the length the body would have
+            framing = f"Content-Length: {length}\r\n"
+        elif not has_body:
+            pass
+        elif self.version == (1, 1):
+            framing = "Transfer-Encoding: chunked\r\n"
+            self._chunked = True
+        else:
+            self.close = True  # HTTP/1.0: the body ends when the connection does
         head = self._head(status, reason, headers, framing, upgrade=raw)
         self.head_sent = True
         if not has_body:
-            data, end = b"", False
-        elif self._chunked:
+            return head
+        if self._chunked:
             if data:
                 data = b"%x\r\n%b\r\n" % (len(data), data)
             if end:
                 data += b"0\r\n\r\n"
-        await self._write(head + data if data else head)
+                self._chunked = False
+        return head + data if data else head
 
     async def write(self, data: bytes) -> None:
         """More body bytes (framed as the head said), or, after a 101, tunnelled bytes."""
@@ -252,8 +261,8 @@ class Request:
         lines += [f"{name}: {value}\r\n" for name, value in headers]
         if framing:
             lines.append(framing)
-        if upgrade:
-            pass  # the handler's headers carry Connection: Upgrade
+        if upgrade:  # the handler's headers carry Connection: Upgrade
+            pass
         elif not self.keeps_alive():
             self.close = True
             lines.append("Connection: close\r\n")

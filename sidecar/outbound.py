@@ -131,6 +131,7 @@ class Outbound:
         self.policy = policy
         self.observer = observer
         self.metrics = observer.metrics
+        self._in_flight = observer.metrics.in_flight("outbound", "all")  # one series: looked up once
         self.budgets: dict[str, RetryBudget] = {}
         self.requests = 0
 
@@ -153,7 +154,7 @@ class Outbound:
         deadline = deadline_from(request.headers, self.policy.request_timeout, started)
         service = "-"
         call = _Call()
-        with self.metrics.in_flight("outbound", "all"):
+        with self._in_flight:
             try:
                 service, path = parse_target(request.raw_path, request.headers.get("Host"))
                 response = await self._call(request, service, path, deadline, trace, call)

@@ -136,27 +136,22 @@ class Sidecar:
             idle_timeout=lim.idle_timeout,
             max_connections=lim.max_connections,
         )
+        proxying = {
+            "inbound": (self.inbound.handle, listen.inbound_host, listen.inbound_port),
+            "outbound": (self.outbound.handle, listen.outbound_host, listen.outbound_port),
+        }
         self.listeners = {
-            "inbound": Listener(
-                "inbound",
-                self.inbound.handle,
-                listen.inbound_host,
-                listen.inbound_port,
+            part: Listener(
+                part,
+                handler,
+                host,
+                port,
                 grace,
                 limits=server_limits,
                 sidecar_name=name,
                 reuse_port=listen.workers > 1 or listen.worker_index > 0,
-            ),
-            "outbound": Listener(
-                "outbound",
-                self.outbound.handle,
-                listen.outbound_host,
-                listen.outbound_port,
-                grace,
-                limits=server_limits,
-                sidecar_name=name,
-                reuse_port=listen.workers > 1 or listen.worker_index > 0,
-            ),
+            )
+            for part, (handler, host, port) in proxying.items()
         }
         self.is_worker = listen.worker_index > 0
         if not self.is_worker:

@@ -222,7 +222,7 @@ async def _relay(
     headers = strip_hop_by_hop(upstream)
     headers.popall("Content-Length", None)
     headers[REQUEST_ID] = upstream.get(REQUEST_ID, request_id)
-    if status in (204, 304) or request.method == "HEAD":
+    if status in (204, 304):  # (no HEAD here: only a GET is an upgrade)
         chunked, length = False, 0
     try:
         # chunked when the length is unknown: the app's chunks, or a body that runs until its close

@@ -191,6 +191,20 @@ def head_fields(head: bytes) -> tuple[str, CIMultiDict[str]]:
     return lines[0], fields
 
 
+@contextlib.asynccontextmanager
+async def handshake_answer(proxy: int) -> AsyncIterator[tuple[asyncio.StreamReader, str, CIMultiDict[str]]]:
+    """A raw client's WebSocket handshake to `proxy`: the reader, status line and headers
+    of the answer; the connection is closed on the way out."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
+    try:
+        writer.write(handshake()[0])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        status, fields = head_fields(head)
+        yield reader, status, fields
+    finally:
+        writer.close()
+
+
 # -- is_upgrade ---------------------------------------------------------------------------
 
 
@@ -291,11 +305,7 @@ async def test_hop_by_hop_headers_of_the_101_are_dropped() -> None:
         b"X-End: kept\r\n\r\n\x81\x02hi"
     )
     async with raw_upstream(answer) as port, tunnel_server(port) as proxy:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
-        try:
-            writer.write(handshake()[0])
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            status, fields = head_fields(head)
+        async with handshake_answer(proxy) as (reader, status, fields):
             assert status == "HTTP/1.1 101 Switching Protocols"
             for gone in ("X-Hop", "Keep-Alive", "Content-Length", "Transfer-Encoding"):
                 assert gone not in fields
@@ -305,8 +315,6 @@ async def test_hop_by_hop_headers_of_the_101_are_dropped() -> None:
             assert fields["X-End"] == "kept"
             # bytes the app sent right behind its head arrive, then the app's close ends it all
             assert await asyncio.wait_for(reader.read(), 5) == b"\x81\x02hi"
-        finally:
-            writer.close()
 
 
 async def test_client_bytes_sent_with_the_handshake_are_kept(app: EchoApp, proxy: int) -> None:
@@ -371,34 +379,22 @@ async def test_declined_upgrade_keeps_the_client_connection_usable(app: EchoApp,
 async def test_body_until_close_is_reframed() -> None:
     answer = b"HTTP/1.1 400 Bad Request\r\nX-App: eof\r\n\r\nno such socket"
     async with raw_upstream(answer) as port, tunnel_server(port) as proxy:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
-        try:
-            writer.write(handshake()[0])
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            status, fields = head_fields(head)
+        async with handshake_answer(proxy) as (reader, status, fields):
             assert status.startswith("HTTP/1.1 400")
             assert fields["Transfer-Encoding"] == "chunked"
             assert fields["X-App"] == "eof"
             body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
             assert body == b"e\r\nno such socket\r\n0\r\n\r\n"
-        finally:
-            writer.close()
 
 
 async def test_truncated_answer_breaks_the_client_connection() -> None:
     answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nshort"
     async with raw_upstream(answer) as port, tunnel_server(port) as proxy:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
-        try:
-            writer.write(handshake()[0])
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            status, fields = head_fields(head)
+        async with handshake_answer(proxy) as (reader, status, fields):
             assert status.startswith("HTTP/1.1 403")
             assert fields["Content-Length"] == "100"
             with pytest.raises((asyncio.IncompleteReadError, ConnectionResetError)):
                 await asyncio.wait_for(reader.readexactly(100), 5)
-        finally:
-            writer.close()
 
 
 # -- failures before anything reached the client ---------------------------------------------
