@@ -333,3 +333,132 @@ def test_endpoint_set_change_does_not_drop_in_flight_requests(backends, caller, 
     t.join(10)
     assert results == [200], "the in-flight request was dropped when its endpoint left the set"
     assert http("GET", f"{sc.outbound}/moving/after")[0] == 200
+
+
+# -- outlier detection that a caller can see: the failure ratio, and probes that end an
+# ejection early. Each answers at once with a status chosen per request.
+
+
+class ScriptedBackend(Backend):
+    """A Backend whose n-th request (from 1) is answered at once with `answer(n)`."""
+
+    def __init__(self, host: str, answer) -> None:
+        self.answer = answer
+        super().__init__(host)
+
+    def finish_request(self, request, client_address) -> None:
+        _ScriptedHandler(request, client_address, self)
+
+
+class _ScriptedHandler(socketserver.StreamRequestHandler):
+    server: ScriptedBackend
+
+    def handle(self) -> None:
+        while not self.server.stop_event.is_set():
+            if not self.rfile.readline():
+                return
+            length = 0
+            while (h := self.rfile.readline()) not in (b"\r\n", b""):
+                key, _, value = h.decode().partition(":")
+                if key.strip().lower() == "content-length":
+                    length = int(value)
+            if length:
+                self.rfile.read(length)
+            with self.server.lock:
+                self.server.requests += 1
+                n = self.server.requests
+            status = self.server.answer(n)
+            body = json.dumps({"port": self.server.port, "n": n}).encode()
+            self.wfile.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (status, b"OK" if status < 400 else b"Failed", len(body), body)
+            )
+            self.wfile.flush()
+
+
+@pytest.fixture
+def scripted():
+    made: list[ScriptedBackend] = []
+
+    def make(host: str, answer) -> ScriptedBackend:
+        b = ScriptedBackend(host, answer)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def ejections(sc, service: str) -> float:
+    return scrape(sc).get(("sidecar_ejections_total", (("service", service),)), 0.0)
+
+
+def endpoint_state(sc, service: str, backend) -> dict:
+    host, port = backend.server_address
+    endpoint = f"{host}:{port}"
+    endpoints = sc.status()["upstreams"][service].get("endpoints", [])
+    return next((e for e in endpoints if e["endpoint"] == endpoint), {})
+
+
+def calls_until(url: str, done, timeout: float, batch: int = 20, workers: int = 4) -> list[int]:
+    """Batches of calls until `done()` (checked after each batch) or `timeout` seconds."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses += run_calls(url, batch, workers=workers)
+        if done() or time.monotonic() > deadline:
+            return statuses
+
+
+def test_an_instance_failing_every_other_request_is_ejected(backends, scripted, caller, registry_path):
+    # an instant 503 every other request: never 5 failures in a row, and fast answers kept
+    # it at 0 in flight, so it was never ejected and drew most attempts (61% in a soak)
+    good = backends("127.0.0.2")
+    flaky = scripted("127.0.0.3", lambda n: 503 if n % 2 == 0 else 200)
+    register(registry_path, "flaky", [good, flaky])
+    sc = caller()  # the defaults: p2c, 5 failures in a row or half of the recent outcomes
+    url = f"{sc.outbound}/flaky/x"
+    started = time.monotonic()
+    warm = calls_until(url, lambda: ejections(sc, "flaky") >= 1, timeout=15)
+    took = time.monotonic() - started
+    assert ejections(sc, "flaky") >= 1, (len(warm), flaky.requests, endpoint_state(sc, "flaky", flaky))
+    before = flaky.requests, good.requests
+    n = 200
+    statuses = run_calls(url, n, workers=4)
+    to_flaky, to_good = flaky.requests - before[0], good.requests - before[1]
+    print(
+        f"every-other-503: ejected after {len(warm)} calls ({took:.1f}s), {warm.count(200)} ok; "
+        f"then {statuses.count(200)}/{n} ok, attempts flaky={to_flaky} good={to_good}"
+    )
+    assert statuses.count(200) >= 0.95 * n, Counter(statuses)
+    # ejected (only its probes reach it; a lucky probe lets it back until it is ejected again)
+    assert to_flaky <= 0.2 * (to_flaky + to_good), (to_flaky, to_good)
+
+
+def test_an_ejected_instance_that_recovers_is_back_within_seconds(backends, scripted, caller, registry_path):
+    good = backends("127.0.0.2")
+    failing = {"on": True}
+    bad = scripted("127.0.0.3", lambda n: 500 if failing["on"] else 200)
+    register(registry_path, "blip", [good, bad])
+    sc = caller("--outlier-failures", "3", "--outlier-ejection-time", "30")
+    url = f"{sc.outbound}/blip/x"
+    calls_until(url, lambda: endpoint_state(sc, "blip", bad).get("health") == "ejected", timeout=15)
+    state = endpoint_state(sc, "blip", bad)
+    assert state.get("health") == "ejected", state
+    assert state["ejected_for_seconds"] > 20  # a 30 s ejection
+    failing["on"] = False  # recovered
+    recovered_at = time.monotonic()
+    before = bad.requests
+    calls_until(url, lambda: endpoint_state(sc, "blip", bad).get("health") == "healthy", timeout=10)
+    took = time.monotonic() - recovered_at
+    assert endpoint_state(sc, "blip", bad).get("health") == "healthy", endpoint_state(sc, "blip", bad)
+    # in rotation again: it takes a fair share of the traffic, and every call succeeds
+    n = 100
+    mark = bad.requests
+    statuses = run_calls(url, n, workers=2)
+    share = bad.requests - mark
+    print(f"500s then recovered: back after {took:.1f}s ({mark - before} calls reached it), then {share}/{n}")
+    assert statuses == [200] * n, Counter(statuses)
+    assert share >= 0.2 * n
+    assert took < 20  # well before the 30 s ejection would have ended
