@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 
+import aiohttp
 import pytest
 from aiohttp import web as web_
 
@@ -363,3 +364,125 @@ async def test_the_token_never_leaks(consul_agent_factory, caplog, monkeypatch):
         assert headers.get("X-Consul-Token") == SENTINEL
         assert SENTINEL not in url and SENTINEL not in body
         assert "token=" not in url
+
+
+# -- passing and critical instances (the panic rule's input) --------------------------------
+
+
+async def agent_put(agent, path: str, body: object = None) -> None:
+    async with aiohttp.ClientSession() as session:
+        data = None if body is None else json.dumps(body)
+        async with session.put(f"{agent.url}{path}", data=data) as resp:
+            assert resp.status == 200, (path, resp.status, await resp.text())
+
+
+async def test_query_classifies_every_listed_instance_by_all_its_checks(consul_agent, registry):
+    await registry.register(web(1), CHECK, "passing", "ok")
+    await registry.register(web(2), CHECK, "critical", "GET /health 503")
+    await registry.register(web(3), CHECK, "warning", "slow")
+    await registry.register(web(4), CHECK, "passing", "ok")
+    # A second check on web-4, failing: one failing check is enough to be critical.
+    await agent_put(
+        consul_agent,
+        "/v1/agent/check/register",
+        {"Name": "extra", "CheckID": "extra:web-4", "ServiceID": "web-4", "TTL": "30s", "Status": "critical"},
+    )
+    result = await registry.query("web", 0, 1.0)
+    assert result.known
+    assert [i.id for i in result.instances] == ["web-1"]
+    assert sorted(i.id for i in result.critical) == ["web-2", "web-3", "web-4"]
+    # What Consul's own ?passing filter keeps is exactly our passing set.
+    assert [e["Service"]["ID"] for e in consul_agent.health("web", passing=True)] == ["web-1"]
+
+    # The node's checks count too: node maintenance makes every instance on it critical.
+    await agent_put(consul_agent, "/v1/agent/maintenance?enable=true&reason=test")
+    on_maintenance = await registry.query("web", 0, 1.0)
+    assert on_maintenance.known and on_maintenance.instances == ()
+    assert sorted(i.id for i in on_maintenance.critical) == ["web-1", "web-2", "web-3", "web-4"]
+
+
+async def test_only_critical_instances_is_known_and_keeps_the_cached_instances(registry):
+    await registry.register(web(1), CHECK, "passing", "ok")
+    await registry.register(web(2), CHECK, "passing", "ok")
+    healthy = await registry.query("web", 0, 1.0)
+    assert [i.id for i in healthy.instances] == ["web-1", "web-2"] and healthy.critical == ()
+
+    blocked = asyncio.create_task(registry.query("web", healthy.index, 10.0))
+    await asyncio.sleep(0.2)
+    assert not blocked.done()
+    await registry.report("web-1", "critical", "GET /health 503")  # a check change wakes it
+    one_down = await asyncio.wait_for(blocked, 5.0)
+    assert one_down.index > healthy.index
+    assert [i.id for i in one_down.instances] == ["web-2"]
+    assert [i.id for i in one_down.critical] == ["web-1"]
+
+    await registry.report("web-2", "critical", "GET /health 503")
+    sick = await registry.query("web", 0, 1.0)
+    assert sick.known and sick.instances == ()
+    assert [i.id for i in sick.critical] == ["web-1", "web-2"]
+    # A check's status does not change Service.ModifyIndex: the Instances are reused.
+    assert sick.critical[0] is healthy.instances[0] and sick.critical[1] is healthy.instances[1]
+
+
+async def test_critical_instance_is_live_until_consul_deregisters_it(consul_agent, registry):
+    await registry.register(web(1), CheckSpec(ttl=15.0, deregister_after=0.5), "critical", "starting")
+    first = await registry.query("web", 0, 1.0)
+    assert first.known and [i.id for i in first.critical] == ["web-1"]
+    # The agent reaps it after DeregisterCriticalServiceAfter: then it is gone, not critical.
+    consul_agent.wait_for(lambda a: "web-1" not in a.services(), timeout=10.0)
+    gone = await registry.query("web", 0, 1.0)
+    assert (gone.known, gone.instances, gone.critical) == (False, (), ())
+
+
+async def test_acl_hidden_critical_instances_are_still_denied(consul_agent_acl):
+    limited = "limited-" + SENTINEL
+    consul_agent_acl.add_token(limited, {"service_read": ["web"], "node_read": True})
+    reg = ConsulRegistry(ConsulSettings(consul_agent_acl.addr, token=limited))
+    admin = ConsulRegistry(ConsulSettings(consul_agent_acl.addr, token=consul_agent_acl.token))
+    try:
+        await admin.register(web(1, name="db"), CHECK, "critical", "starting")
+        with pytest.raises(RegistryDenied, match=r"hid the instances of 'db'") as info:
+            await reg.query("db", 0, 1.0)
+        assert SENTINEL not in str(info.value)
+        await admin.register(web(1), CHECK, "critical", "starting")
+        readable = await reg.query("web", 0, 1.0)
+        assert readable.known and [i.id for i in readable.critical] == ["web-1"]
+    finally:
+        await reg.close()
+        await admin.close()
+
+
+async def test_health_query_has_no_passing_filter_and_rejects_malformed_checks():
+    """Against a recording server: the query asks for every instance, entries without checks
+    pass (as with Consul's ?passing), and a check without a Status is a malformed answer."""
+    seen: list[str] = []
+    answers = [
+        [
+            {"Node": {"Address": "10.0.0.1"}, "Service": {"ID": "a", "Port": 1}, "Checks": None},
+            {
+                "Node": {"Address": "10.0.0.1"},
+                "Service": {"ID": "b", "Port": 2},
+                "Checks": [{"CheckID": "serfHealth", "Status": "passing"}, {"Status": "warning"}],
+            },
+        ],
+        [{"Node": {}, "Service": {"ID": "c", "Port": 3}, "Checks": [{"CheckID": "no-status"}]}],
+    ]
+
+    async def answer(request: web_.Request) -> web_.Response:
+        seen.append(str(request.rel_url))
+        return web_.json_response(answers[min(len(seen), len(answers)) - 1], headers={"X-Consul-Index": "7"})
+
+    runner = web_.ServerRunner(web_.Server(answer))
+    await runner.setup()
+    site = web_.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    reg = ConsulRegistry(ConsulSettings(f"127.0.0.1:{runner.addresses[0][1]}"), timeout=2.0)
+    try:
+        result = await reg.query("web", 0, 1.0)
+        assert [i.id for i in result.instances] == ["a"] and [i.id for i in result.critical] == ["b"]
+        with pytest.raises(RegistryUnavailable, match="malformed entry"):
+            await reg.query("web", 0, 1.0)
+    finally:
+        await reg.close()
+        await runner.cleanup()
+    assert seen and all(url.startswith("/v1/health/service/web") and "passing" not in url for url in seen)

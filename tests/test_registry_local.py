@@ -109,3 +109,51 @@ async def test_several_processes_write_at_once(registry_path):
     result = await reg.query("busy", 0, 0)
     assert len(result.instances) == 160
     await reg.close()
+
+
+async def test_critical_instances_are_reported_apart_from_passing_ones(registry_path):
+    reg = LocalRegistry(registry_path)
+    try:
+        long = CheckSpec(ttl=60, deregister_after=60)
+        await reg.register(inst(1), long, "passing", "ok")
+        await reg.register(inst(2), long, "critical", "GET /health 503")
+        await reg.register(inst(3), long, "warning", "slow")
+        mixed = await reg.query("svc", 0, 0)
+        assert mixed.known
+        assert mixed.instances == (inst(1),)
+        assert mixed.critical == (inst(2), inst(3))  # anything but passing is not passing
+
+        await reg.report("svc-1", "critical", "GET /health 503")
+        all_critical = await reg.query("svc", 0, 0)
+        assert all_critical.known and all_critical.instances == ()
+        assert all_critical.critical == (inst(1), inst(2), inst(3))
+        assert all_critical.index > mixed.index
+
+        # A note changes nothing that discovery sees: same index, and a blocking query waits.
+        await reg.report("svc-2", "critical", "GET /health 500")
+        same = await reg.query("svc", all_critical.index, 0.3)
+        assert same.index == all_critical.index
+
+        await reg.report("svc-2", "passing", "ok")
+        one_back = await reg.query("svc", all_critical.index, 5.0)
+        assert one_back.instances == (inst(2),) and one_back.critical == (inst(1), inst(3))
+    finally:
+        await reg.close()
+
+
+async def test_a_critical_row_whose_heartbeat_expired_is_gone_not_critical(registry_path):
+    reg = LocalRegistry(registry_path)
+    try:
+        await reg.register(inst(1), CheckSpec(ttl=0.5, deregister_after=60), "critical", "starting")
+        await reg.register(inst(2), CheckSpec(ttl=60, deregister_after=60), "critical", "starting")
+        fresh = await reg.query("svc", 0, 0)
+        assert fresh.critical == (inst(1), inst(2))
+        await asyncio.sleep(0.7)
+        expired = await reg.query("svc", 0, 0)
+        assert expired.known and expired.instances == () and expired.critical == (inst(2),)
+        assert expired.index > fresh.index
+        await reg.deregister("svc-2")
+        only_stale = await reg.query("svc", 0, 0)
+        assert only_stale.known and only_stale.instances == () and only_stale.critical == ()
+    finally:
+        await reg.close()

@@ -4,6 +4,14 @@ Rules of this file: backends do I/O only. Retry, backoff, caching and the decisi
 when to refresh live in `sidecar.registration` and `sidecar.discovery`, which are the
 same for every backend. A backend translates its own failures into the small error tree
 below, in one place, and never puts a secret (an ACL token) into an error message.
+
+A backend reports facts, not routing decisions: which registered, live instances pass
+their health checks (`QueryResult.instances`) and which do not (`QueryResult.critical`).
+The panic rule (when no instance passes, callers route to every registered, live one,
+critical included) is applied in `sidecar.discovery`, the same for every backend. "Live"
+is the backend's own notion: the local registry's heartbeat within its TTL (an expired row
+is gone, never critical); for Consul, the instance is still in the health answer (Consul
+removes it after DeregisterCriticalServiceAfter).
 """
 
 from __future__ import annotations
@@ -55,13 +63,19 @@ class QueryResult:
     """The answer to a (possibly blocking) discovery query.
 
     `known` is False when the registry has never heard of the name (the outbound
-    listener answers 404); `instances` holds only the healthy, live ones (503 when
-    empty). `index` is the value to pass to the next query.
+    listener answers 404); a name with only critical instances is known. `instances`
+    holds the live instances that pass their health checks; `critical` the live,
+    registered ones that do not (Consul: any check warning or critical; local: a status
+    other than passing with a fresh heartbeat). Discovery routes to `instances`, or, when
+    that is empty, to `critical` (panic); 503 only when both are empty. An instance is in
+    at most one of the two. `index` is the value to pass to the next query; it changes
+    when either set changes.
     """
 
     index: int
     known: bool
     instances: tuple[Instance, ...]
+    critical: tuple[Instance, ...] = ()
 
 
 class RegistryError(Exception):
@@ -105,7 +119,7 @@ class Registry(abc.ABC):
 
     @abc.abstractmethod
     async def query(self, name: str, index: int, wait: float) -> QueryResult:
-        """Healthy instances of `name`.
+        """The passing and the critical (registered, live, not passing) instances of `name`.
 
         With index 0, answer at once. Otherwise block until the answer differs from the
         one that `index` stands for, or until `wait` seconds have passed (then answer

@@ -1,8 +1,14 @@
 """The Consul registry backend: a local Consul agent over its HTTP API, through py-consul.
 
 Rules of this file:
-- I/O and translation only. Retries, TTL refresh timing, caching and fail-static live in
+- I/O and translation only. Retries, TTL refresh timing, caching, fail-static and the
+  panic rule (routing to critical instances when none passes) live in
   `sidecar.registration` and `sidecar.discovery`.
+- Discovery reads `/v1/health/service/<name>` without `?passing` and classifies each entry
+  itself, as Consul's `?passing` filter would: passing when every check in its `Checks`
+  (the node's and the service's) is "passing"; otherwise (warning or critical) it is a
+  critical instance. An instance is live while Consul lists it (Consul removes it after
+  DeregisterCriticalServiceAfter).
 - Every HTTP call goes through `ConsulRegistry._request`, the one place where transport
   failures and status codes become `RegistryUnavailable`, `RegistryDenied` or
   `RegistryError`; 404 is handed back to the caller, whose meaning depends on the call.
@@ -475,7 +481,11 @@ class ConsulRegistry(Registry):
         self._names.pop(instance_id, None)
 
     async def query(self, name: str, index: int, wait: float) -> QueryResult:
-        """Healthy instances of `name` from `/v1/health/service/<name>?passing`.
+        """Passing and critical instances of `name` from `/v1/health/service/<name>`.
+
+        Every listed instance is registered and live; it is passing when all of its checks
+        pass (what `?passing` would keep), else critical. The catalog is asked only when
+        the health answer lists none, to tell an unknown name from one with no instance.
 
         With `index` > 0 and `wait` > 0 this is a blocking query: the agent answers when the result
         changes or after `wait` seconds (plus up to wait/16 of jitter; the client-side
@@ -485,14 +495,14 @@ class ConsulRegistry(Registry):
         returned as 1, as Consul's documentation advises, so the next call still blocks.
         """
         dc = self._settings.datacenter
-        params: list[tuple[str, str]] = [("passing", "1")]
+        params: list[tuple[str, str]] = []
         if dc:
             params.append(("dc", dc))
         timeout = self._timeout
         if index > 0 and wait > 0:  # without a wait Consul would hold the call for 5 minutes
             params += [("index", str(index)), ("wait", _go_duration(wait))]
             timeout += wait + wait / 16
-        op = f"querying healthy instances of {name!r}"
+        op = f"querying instances of {name!r}"
         needs = f"service:read on {name!r} and node:read"
         resp = await self._request(
             op, "GET", f"/v1/health/service/{name}", params=params, timeout=timeout, needs=needs
@@ -500,15 +510,15 @@ class ConsulRegistry(Registry):
         if resp.code == 404:
             raise RegistryError(f"consul at {self._settings.hostport} answered 404 to {op}")
         new_index = self._index(resp, op)
-        instances = self.healthy_instances(name, resp.body, op)
-        if instances:
-            return QueryResult(index=new_index, known=True, instances=instances)
+        instances, critical = self.classified_instances(name, resp.body, op)
+        if instances or critical:
+            return QueryResult(index=new_index, known=True, instances=instances, critical=critical)
         if resp.headers.get("X-Consul-Results-Filtered-By-ACLs", "").lower() == "true":
             raise RegistryDenied(
                 f"consul at {self._settings.hostport} hid the instances of {name!r}: "
                 f"the ACL token lacks {needs}"
             )
-        # No healthy instance: tell "never heard of it" (404 upstream) from "all unhealthy" (503).
+        # No instance listed: tell "never heard of it" (404 upstream) from "none left" (503).
         catalog_params = [("dc", dc)] if dc else []
         cat = await self._request(
             f"looking up {name!r} in the catalog",
@@ -521,22 +531,41 @@ class ConsulRegistry(Registry):
         return QueryResult(index=new_index, known=known, instances=())
 
     def healthy_instances(self, name: str, body: str, op: str) -> tuple[Instance, ...]:
-        """The instances in the body of a `/v1/health/service/<name>` answer."""
+        """The passing instances in the body of a `/v1/health/service/<name>` answer."""
+        return self.classified_instances(name, body, op)[0]
+
+    def classified_instances(
+        self, name: str, body: str, op: str
+    ) -> tuple[tuple[Instance, ...], tuple[Instance, ...]]:
+        """(passing, critical) instances in the body of a `/v1/health/service/<name>` answer."""
         with _gc_paused():
             return self._instances(name, self._json_list(body, op), op)
 
-    def _instances(self, name: str, entries: list[Any], op: str) -> tuple[Instance, ...]:
-        """Instances from health entries, reusing the ones whose Service.ModifyIndex (and node
-        address) did not change since the last answer: a 10,000-instance service changes a
-        few entries at a time, and building every Instance again dominated the update."""
+    def _instances(
+        self, name: str, entries: list[Any], op: str
+    ) -> tuple[tuple[Instance, ...], tuple[Instance, ...]]:
+        """(passing, critical) instances from health entries, reusing the Instances whose
+        Service.ModifyIndex (and node address) did not change since the last answer: a
+        10,000-instance service changes a few entries at a time, and building every Instance
+        again dominated the update. A check's status does not change Service.ModifyIndex, so
+        an instance moving between the two sets keeps its Instance; the classification is
+        made again from `Checks` for every entry."""
         previous = self._seen.get(name, {})
         current: dict[str, tuple[object, Instance]] = {}
-        out = []
+        passing: list[Instance] = []
+        critical: list[Instance] = []
         for entry in entries:
             try:
                 service = entry["Service"]
                 key = (service.get("ModifyIndex"), (entry.get("Node") or {}).get("Address"))
                 seen = previous.get(service["ID"])
+                # As Consul's ?passing filter: every check, the node's included, must pass
+                # (an entry without checks passes). Anything else, warning too, is critical.
+                ok = True
+                for check in entry.get("Checks") or ():
+                    if check["Status"] != "passing":
+                        ok = False
+                        break
             except (KeyError, TypeError, AttributeError):
                 raise RegistryUnavailable(
                     f"consul at {self._settings.hostport} answered {op} with a malformed entry"
@@ -546,12 +575,12 @@ class ConsulRegistry(Registry):
             else:
                 instance = self._instance(entry, name, op)
             current[instance.id] = (key, instance)
-            out.append(instance)
+            (passing if ok else critical).append(instance)
         if current:
             self._seen[name] = current
         else:
             self._seen.pop(name, None)
-        return tuple(out)
+        return tuple(passing), tuple(critical)
 
     def describe(self) -> dict[str, object]:
         s = self._settings

@@ -2,7 +2,9 @@
 
 Each row is one instance with a heartbeat. A row whose heartbeat is older than its TTL
 counts as gone (a crashed sidecar stops heartbeating, so peers stop routing to it after
-one TTL); a row stale for longer than its deregister-after is deleted by whoever looks.
+one TTL), also for panic routing; a row stale for longer than its deregister-after is
+deleted by whoever looks. A row with a fresh heartbeat is passing (status "passing") or
+critical (any other status); a query answers with both sets (see `QueryResult`).
 WAL mode and a busy timeout make several processes writing at once safe.
 """
 
@@ -57,8 +59,9 @@ class LocalRegistry(Registry):
         self._poll = poll_interval
         self._db: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
-        # name -> (last answer, its index): the index grows each time the answer changes.
-        self._answers: dict[str, tuple[tuple[Instance, ...], bool, int]] = {}
+        # name -> (last answer: passing, critical, known; its index): the index grows each
+        # time the answer changes.
+        self._answers: dict[str, tuple[tuple[Instance, ...], tuple[Instance, ...], bool, int]] = {}
         self._counter = 0
         self._inode = 0
         self._cleaned_at = 0.0
@@ -159,7 +162,11 @@ class LocalRegistry(Registry):
             lambda db: db.execute("DELETE FROM instances WHERE id = ?", (instance_id,)),
         )
 
-    def _read(self, db: sqlite3.Connection, name: str) -> tuple[tuple[Instance, ...], bool]:
+    def _read(
+        self, db: sqlite3.Connection, name: str
+    ) -> tuple[tuple[Instance, ...], tuple[Instance, ...], bool]:
+        """(passing, critical, known) for `name`: live rows split by status; known when
+        any row exists (a stale one too, until it is cleaned)."""
         now = time.time()
         if now - self._cleaned_at >= CLEAN_INTERVAL:  # a write: not on every poll
             self._cleaned_at = now
@@ -169,8 +176,12 @@ class LocalRegistry(Registry):
             "WHERE name = ? ORDER BY id",
             (name,),
         ).fetchall()
-        healthy = tuple(
-            Instance(
+        passing: list[Instance] = []
+        critical: list[Instance] = []
+        for r in rows:
+            if now - r[7] > r[8]:  # heartbeat older than the TTL: gone, not critical
+                continue
+            instance = Instance(
                 id=r[0],
                 name=r[1],
                 address=r[2],
@@ -178,23 +189,21 @@ class LocalRegistry(Registry):
                 tags=tuple(json.loads(r[4])),
                 meta=json.loads(r[5]),
             )
-            for r in rows
-            if r[6] == "passing" and now - r[7] <= r[8]
-        )
-        return healthy, bool(rows)
+            (passing if r[6] == "passing" else critical).append(instance)
+        return tuple(passing), tuple(critical), bool(rows)
 
     async def query(self, name: str, index: int, wait: float) -> QueryResult:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            instances, known = await self._run(f"looking up {name!r}", self._read, name)
+            instances, critical, known = await self._run(f"looking up {name!r}", self._read, name)
             last = self._answers.get(name)
-            if last is None or last[0] != instances or last[1] != known:
+            if last is None or last[0] != instances or last[1] != critical or last[2] != known:
                 self._counter += 1
-                last = (instances, known, self._counter)
+                last = (instances, critical, known, self._counter)
                 self._answers[name] = last
-            if index == 0 or last[2] != index or loop.time() >= deadline:
-                return QueryResult(index=last[2], known=known, instances=instances)
+            if index == 0 or last[3] != index or loop.time() >= deadline:
+                return QueryResult(index=last[3], known=known, instances=instances, critical=critical)
             await asyncio.sleep(min(self._poll, max(0.0, deadline - loop.time())))
 
     async def all_instances(self) -> list[dict[str, object]]:
