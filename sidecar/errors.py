@@ -107,6 +107,15 @@ class RequestTimeout(SidecarError):
     close_connection = True
 
 
+class ClientClosed(SidecarError):
+    """The client left before its request was whole: nobody reads this answer, but the
+    access log and the metrics show it (nginx's 499)."""
+
+    status = 499
+    code = "client_closed_request"
+    close_connection = True
+
+
 class DiscoveryLimit(SidecarError):
     status = 503
     code = "too_many_services"

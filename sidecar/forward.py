@@ -25,10 +25,12 @@ from typing import Literal
 
 import aiohttp
 from aiohttp import http_exceptions
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import (
     BadRequest,
+    ClientClosed,
     ExpectationFailed,
     PayloadTooLarge,
     RequestTimeout,
@@ -39,7 +41,15 @@ from .errors import (
     UpstreamTimeout,
 )
 from .messages import Headers, Request, Response, http_date
-from .upstream import BadRequestHead, ConnectTimeout, HeadTimeout, Pool, UpstreamResponse, request_head
+from .upstream import (
+    BadRequestHead,
+    ConnectTimeout,
+    NotSent,
+    Pool,
+    PoolTimeout,
+    UpstreamResponse,
+    request_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +71,16 @@ REQUEST_ID = "X-Request-Id"
 # Header names the sidecar uses between its own hops; a caller may not set them.
 INTERNAL_PREFIX = "x-sidecar-"
 CHUNK = 64 * 1024
-# How an attempt failed before any response: "connect_failure" (never sent), "reset"
-# (the connection broke, maybe after the app saw the request), "timeout" (no response
-# headers in time), "refused" (the sidecar itself refused the request, e.g. too large).
-AttemptFailure = Literal["connect_failure", "reset", "timeout", "refused"]
+# How an attempt failed before any response:
+#   "connect_failure"  no connection to the endpoint (refused, unreachable, connect
+#                      timeout): never sent, and the endpoint's fault;
+#   "unsent"           never sent, and not the endpoint's fault (our pool to it is full,
+#                      the wait for a pooled connection ran out, or the connection closed
+#                      before a byte of the request was written);
+#   "reset"            the connection broke, maybe after the app saw the request;
+#   "timeout"          no response headers in time;
+#   "refused"          the sidecar itself refused the request (too large, the client left).
+AttemptFailure = Literal["connect_failure", "unsent", "reset", "timeout", "refused"]
 
 
 def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -152,12 +168,22 @@ def request_headers(request: Request, host: str | None) -> tuple[CIMultiDict[str
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id"}
 
 
-def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> Headers:
-    """Headers to relay to the client (their framing is added by Request.start)."""
+def response_headers(upstream: CIMultiDictProxy[str], request_id: str, from_app: bool = False) -> Headers:
+    """Headers to relay to the client (their framing is added by Request.start).
+
+    `from_app`: the answer comes from our own app (the inbound hop), whose `X-Sidecar-*`
+    headers are dropped: an app that relays its own sidecar's error must not make the
+    caller's sidecar believe that this hop's sidecar answered (and, say, that a POST
+    never reached an app, when this app ran it).
+    """
     drop = _DROP_RESPONSE
     if "Connection" in upstream:
         drop = drop | connection_listed(upstream)
-    headers = [(key, value) for key, value in upstream.items() if key.lower() not in drop]
+    headers = [
+        (key, value)
+        for key, value in upstream.items()
+        if key.lower() not in drop and not (from_app and key.lower().startswith(INTERNAL_PREFIX))
+    ]
     headers.append((REQUEST_ID, upstream.get(REQUEST_ID, request_id)))
     if "Date" not in upstream:  # RFC 9110 section 6.6.1: a recipient with a clock adds it
         headers.append(("Date", http_date()))
@@ -179,7 +205,10 @@ class Forwarder:
         write_timeout: float = 30.0,
         max_connections: int = 256,
         max_pending: int = 1024,
+        to_app: bool = False,
     ) -> None:
+        # the inbound forwarder talks to our own app: see response_headers(from_app)
+        self._to_app = to_app
         self._max_body = max_body
         self._body_timeout = body_timeout
         self._write_timeout = write_timeout
@@ -292,7 +321,7 @@ class Forwarder:
         in_flight = self._in_flight.get(endpoint, 0)
         if in_flight >= self._max_in_flight:
             raise ForwardError(
-                "refused", UpstreamPoolFull(f"{in_flight} requests already waiting for {endpoint}")
+                "unsent", UpstreamPoolFull(f"{in_flight} requests already waiting for {endpoint}")
             )
         try:
             head = request_head(method, path, headers, endpoint, body is not None)
@@ -308,8 +337,9 @@ class Forwarder:
                 conn = pool.idle()  # (a ResponseHandler is falsy while its queue is empty)
                 if conn is None:
                     conn = await pool.acquire(deadline)
-            except HeadTimeout as exc:
-                raise ForwardError("timeout", UpstreamTimeout(f"timed out waiting for {endpoint}")) from exc
+            except PoolTimeout as exc:
+                waited = UpstreamTimeout(f"timed out waiting for a free connection to {endpoint}")
+                raise ForwardError("unsent", waited) from exc
             except ConnectTimeout as exc:
                 timed_out = UpstreamTimeout(f"timed out connecting to {endpoint}")
                 raise ForwardError("connect_failure", timed_out) from exc
@@ -322,6 +352,8 @@ class Forwarder:
             return response
         except ForwardError:
             raise
+        except NotSent as exc:
+            raise ForwardError("unsent", UpstreamConnectError(f"{endpoint} closed the connection")) from exc
         except Exception as exc:
             broken = body.broken() if isinstance(body, LimitedBody) else None
             failure = ForwardError("refused", broken) if broken is not None else _translate(exc, endpoint)
@@ -331,6 +363,12 @@ class Forwarder:
         finally:
             if not opened:
                 self._done(endpoint)
+
+    def discard(self, upstream: UpstreamResponse) -> None:
+        """Drop an answer that will not be relayed (a retried 5xx): its connection, and
+        its slot among the endpoint's requests in flight."""
+        upstream.close()
+        self._done(upstream.endpoint)
 
     def _done(self, endpoint: str) -> None:
         left = self._in_flight.get(endpoint, 1) - 1
@@ -370,7 +408,7 @@ class Forwarder:
             if not only_chunked(codings):  # we cannot know where such a body ends
                 raise UpstreamProtocolError(f"the app answered with Transfer-Encoding {', '.join(codings)!r}")
         status = upstream.status
-        headers = response_headers(upstream_headers, request_id)
+        headers = response_headers(upstream_headers, request_id, self._to_app)
         response = Response(status, request_id=upstream_headers.get(REQUEST_ID, request_id), sent=True)
         text = upstream_headers.get("Content-Length")
         length = int(text) if text is not None and text.isdigit() else None
@@ -447,9 +485,15 @@ class ForwardError(Exception):
 
 
 class LimitedBody:
-    """Streams a request body upstream, counting it against the size limit."""
+    """A request body read from the client, counted against the size limit.
 
-    __slots__ = ("_content", "_limit", "_timeout", "exceeded", "sent", "timed_out")
+    `read()` is safe to cancel: a cancelled read loses nothing (the bytes stay in the
+    client connection's reader), so the next attempt of a retried request reads on where
+    the last one stopped. (An async generator would not do: cancelling one ends it, and
+    the next attempt would take the rest of the body for its end.)
+    """
+
+    __slots__ = ("_content", "_limit", "_timeout", "client_left", "exceeded", "sent", "timed_out")
 
     def __init__(self, content: aiohttp.StreamReader, limit: int, timeout: float = 30.0) -> None:
         self._content = content
@@ -458,40 +502,52 @@ class LimitedBody:
         self.sent = 0
         self.exceeded = False
         self.timed_out = False
+        self.client_left = False
 
     def broken(self) -> SidecarError | None:
-        """The limit this body broke while streaming (413 or 408), if any: whatever the
-        upstream did next is a consequence, and the caller should see this instead."""
+        """What went wrong with this body on the client's side (413, 408, the client left),
+        if anything: whatever the upstream did next is a consequence, not the upstream's
+        fault, and the request cannot be sent again."""
         if self.exceeded:
             return PayloadTooLarge(f"request body over the {self._limit}-byte limit")
         if self.timed_out:
             return RequestTimeout(f"no request body bytes for {self._timeout:g}s")
+        if self.client_left:
+            return ClientClosed("the client closed the connection while sending the request body")
         return None
+
+    async def read(self) -> bytes:
+        """The next chunk, b"" at the end. Raises the SidecarError of `broken()`."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                chunk = await self._content.readany()
+        except TimeoutError:
+            self.timed_out = True
+            raise RequestTimeout(f"no request body bytes for {self._timeout:g}s") from None
+        except (ConnectionError, RequestPayloadError, http_exceptions.HttpProcessingError) as exc:
+            # the listener sets these on the reader when the client leaves mid-body (or
+            # breaks its framing): the client's doing, never the endpoint's
+            self.client_left = True
+            raise ClientClosed("the client closed the connection while sending the request body") from exc
+        if chunk:
+            self.sent += len(chunk)
+            if self.sent > self._limit:
+                self.exceeded = True
+                raise PayloadTooLarge(f"request body over the {self._limit}-byte limit")
+        return chunk
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    chunk = await self._content.readany()
-            except TimeoutError:
-                self.timed_out = True
-                raise RequestTimeout(f"no request body bytes for {self._timeout:g}s") from None
-            if not chunk:
-                return
-            self.sent += len(chunk)
-            if self.sent > self._limit:
-                self.exceeded = True
-                raise PayloadTooLarge(f"request body over the {self._limit}-byte limit")
+        while chunk := await self.read():
             yield chunk
 
 
 def _translate(exc: Exception, endpoint: str) -> ForwardError | None:
     """The ForwardError for a failure of an exchange with `endpoint`, or None when `exc`
     is not one (a bug: let it propagate)."""
-    if isinstance(exc, (PayloadTooLarge, RequestTimeout)):
+    if isinstance(exc, (PayloadTooLarge, RequestTimeout, ClientClosed)):
         return ForwardError("refused", exc)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return ForwardError(

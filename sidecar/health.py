@@ -28,10 +28,14 @@ class HealthState:
     failures: int = 0  # consecutive failures
     output: str = "not probed yet"
     changed_at: float = 0.0
+    # The last probe got an answer from the app (an HTTP status, even a failing one, or a
+    # TCP connect): the app is up, whatever its health endpoint says. Not so when the
+    # probe timed out or was refused (a hung or dead app).
+    answering: bool = False
 
 
 def transition(
-    state: HealthState, passed: bool, output: str, rise: int, fall: int, now: float
+    state: HealthState, passed: bool, output: str, rise: int, fall: int, now: float, answering: bool = True
 ) -> HealthState:
     """The next state after one probe result. Pure: no I/O, no clock."""
     if passed:
@@ -42,7 +46,13 @@ def transition(
         healthy = state.healthy and failures < fall
     changed_at = now if healthy != state.healthy else state.changed_at
     return replace(
-        state, healthy=healthy, passes=passes, failures=failures, output=output, changed_at=changed_at
+        state,
+        healthy=healthy,
+        passes=passes,
+        failures=failures,
+        output=output,
+        changed_at=changed_at,
+        answering=passed or answering,
     )
 
 
@@ -72,8 +82,8 @@ class HealthChecker:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    async def probe(self) -> tuple[bool, str]:
-        """One probe of the app: (passed, output)."""
+    async def probe(self) -> tuple[bool, str, bool]:
+        """One probe of the app: (passed, output, whether the app answered at all)."""
         cfg = self._cfg
         where = self._where
         try:
@@ -81,23 +91,23 @@ class HealthChecker:
                 async with asyncio.timeout(cfg.health_timeout):
                     _, writer = await asyncio.open_connection(cfg.host, cfg.port)
                 writer.close()
-                return True, f"TCP connect to {where} succeeded"
+                return True, f"TCP connect to {where} succeeded", True
             assert self._session is not None
             async with self._session.get(self._url, allow_redirects=False) as resp:
                 await resp.read()
-                if 200 <= resp.status < 400:
-                    return True, f"HTTP GET {cfg.health_path}: {resp.status}"
-                return False, f"HTTP GET {cfg.health_path}: {resp.status}"
+                return 200 <= resp.status < 400, f"HTTP GET {cfg.health_path}: {resp.status}", True
         except TimeoutError:
-            return False, f"probe of {where} timed out after {cfg.health_timeout:g}s"
+            return False, f"probe of {where} timed out after {cfg.health_timeout:g}s", False
         except (aiohttp.ClientError, OSError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return False, f"probe of {where} failed: {reason}"
+            return False, f"probe of {where} failed: {reason}", False
 
     async def mark_down(self, output: str) -> None:
         """The app is known to be gone (it exited): unhealthy now, without waiting to probe."""
         before = self.state
-        self.state = replace(before, healthy=False, passes=0, output=output, changed_at=time.monotonic())
+        self.state = replace(
+            before, healthy=False, passes=0, output=output, changed_at=time.monotonic(), answering=False
+        )
         if before.healthy:
             log.warning("app is unhealthy: %s", output)
             await self._notify()
@@ -109,7 +119,7 @@ class HealthChecker:
                 await result
 
     async def check_once(self) -> HealthState:
-        passed, output = await self.probe()
+        passed, output, answering = await self.probe()
         self.probes += 1
         before = self.state
         self.state = transition(
@@ -119,6 +129,7 @@ class HealthChecker:
             self._cfg.healthy_threshold,
             self._cfg.unhealthy_threshold,
             time.monotonic(),
+            answering,
         )
         if self.state.healthy != before.healthy:
             if self.state.healthy:

@@ -1,13 +1,24 @@
-"""The inbound listener: mesh -> sidecar -> app, gated by the app's health."""
+"""The inbound listener: mesh -> sidecar -> app, gated by the app's health.
+
+While the app fails its health checks, requests get 503 app_unhealthy, except those that a
+caller's sidecar marked `X-Sidecar-Panic: 1` (`PANIC_HEADER`) while the app still answers
+its probes (with a failing status): that caller found no instance of this service passing
+and routes to all of them (see `sidecar.discovery`), so the request goes to the app
+anyway. An app whose probes time out or are refused (hung or dead) is never sent panic
+traffic: the caller gets the fast 503 app_unhealthy, which it treats as never sent. The
+header, like every X-Sidecar- header, never reaches the app.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from . import tracing
 from .deadline import TIMEOUT_HEADER
 from .deadline import from_headers as deadline_from
-from .errors import AppUnhealthy, SidecarError, error_response
+from .discovery import PANIC_HEADER
+from .errors import AppUnhealthy, ClientClosed, SidecarError, error_response
 from .forward import REQUEST_ID, Forwarder, request_headers
 from .health import HealthChecker
 from .messages import Request, Response
@@ -40,9 +51,13 @@ class Inbound:
         self._in_flight = observer.metrics.in_flight("inbound", name)  # one series: looked up once
         self.request_timeout = request_timeout
         self.requests = 0
+        self.panic_requests = 0  # let past the health gate by the caller's panic header
 
     def __repr__(self) -> str:
-        return f"<Inbound -> {self.app_endpoint} requests={self.requests} active={self.forwarder.active}>"
+        return (
+            f"<Inbound -> {self.app_endpoint} requests={self.requests} "
+            f"panic_requests={self.panic_requests} active={self.forwarder.active}>"
+        )
 
     async def handle(self, request: Request) -> Response:
         self.requests += 1
@@ -51,8 +66,11 @@ class Inbound:
         deadline = deadline_from(request.headers, self.request_timeout, started)
         with self._in_flight:
             try:
-                if not self.health.healthy:
-                    raise AppUnhealthy(f"app {self.name!r} is unhealthy: {self.health.state.output}")
+                state = self.health.state
+                if not state.healthy:
+                    if not (state.answering and request.headers.get(PANIC_HEADER) == "1"):
+                        raise AppUnhealthy(f"app {self.name!r} is unhealthy: {state.output}")
+                    self.panic_requests += 1  # the caller has no passing instance: try the app
                 path = request.path_qs  # an absolute-form target: only its path and query
                 # The app learns its remaining budget; the sidecar-to-sidecar header stays here.
                 extra = [*trace.headers().items(), (TIMEOUT_HEADER, deadline.header_value(started))]
@@ -79,14 +97,24 @@ class Inbound:
                     )
             except SidecarError as err:
                 response = error_response(err, self.name, request.headers.get(REQUEST_ID))
+            except asyncio.CancelledError:
+                # the caller left: the listener cancelled the request, and the app's
+                # connection was reset under it
+                self._finished(request, ClientClosed.status, started, trace, None)
+                raise
+        self._finished(request, response.status, started, trace, response.request_id)
+        return response
+
+    def _finished(
+        self, request: Request, status: int, started: float, trace: tracing.TraceContext, rid: str | None
+    ) -> None:
         self.observer.finished(
             "inbound",
             request,
-            response.status,
+            status,
             started,
             trace,
             service=self.name,
             instance=self.app_endpoint,
-            request_id=response.request_id or request.headers.get(REQUEST_ID),
+            request_id=rid or request.headers.get(REQUEST_ID),
         )
-        return response

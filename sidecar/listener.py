@@ -156,6 +156,8 @@ MAX_PIPELINED = 16
 # client still sends is read and dropped for this long, so that it can read the answer
 # (closing with unread bytes would reset the connection under it), then it is closed.
 LINGER = 0.3
+# Seconds between the probes of a client that sent a FIN while its answer is awaited.
+_PROBES = (0.05, 0.2, 1.0, 2.0)
 
 
 class ClientConnection(BaseProtocol):
@@ -245,6 +247,11 @@ class ClientConnection(BaseProtocol):
         request = self._request
         if request is not None and not request.content.is_eof():
             request.content.set_exception(ConnectionResetError("the client closed the connection"))
+        task = self._task
+        if task is not None and self._raw is None:
+            # Nobody will read the answer: stop the work the request started (its
+            # attempts, and through their reset connections the next hops' work too).
+            task.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._raw is not None:
@@ -292,7 +299,25 @@ class ClientConnection(BaseProtocol):
         request = self._request
         if request is not None and not request.content.is_eof():
             request.content.set_exception(ConnectionResetError("the client closed its side mid-body"))
+        elif request is not None and request.version == (1, 1):
+            self._probe(0)
         return True
+
+    def _probe(self, n: int) -> None:
+        """Tell a client that closed from one that half-closed, while its answer is awaited.
+
+        Both send a FIN; only a write tells them apart: to a closed socket the client's
+        host answers with a reset, and the write after that fails, which ends the
+        connection (and cancels the request, see connection_lost). An HTTP/1.1 client must
+        accept interim answers it did not ask for (RFC 9110 section 15.2), so the probes
+        are `100 Continue`s, a few at first (the reset takes a round trip), then one every
+        couple of seconds until the answer starts.
+        """
+        request, transport = self._request, self.transport
+        if request is None or request.head_sent or transport is None or transport.is_closing():
+            return
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._loop.call_later(_PROBES[min(n, len(_PROBES) - 1)], self._probe, n + 1)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -316,6 +341,9 @@ class ClientConnection(BaseProtocol):
                 response = error_response(err, server.sidecar_name, None)
             if not request.head_sent:
                 request.send(response)
+        except asyncio.CancelledError:
+            self._task = self._request = None  # the client left (connection_lost)
+            raise
         except ConnectionError as exc:
             log.debug("client %s left before its answer was sent: %s", self.remote, exc)
             self._task = self._request = None
@@ -379,6 +407,10 @@ class ClientConnection(BaseProtocol):
             self._arm_idle()
 
     # -- ends of connections ----------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._server.draining
 
     def client_gone(self) -> bool:
         transport = self.transport
@@ -483,6 +515,7 @@ class Server:
         self.sidecar_name = sidecar_name
         self.connections: set[ClientConnection] = set()
         self.refused = 0
+        self.draining = False  # answers say Connection: close (the sidecar is stopping)
         self._sweep_handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 Headers = list[tuple[str, str]]
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
+_REASONS[499] = "Client Closed Request"  # nginx's: only ever in our own logs
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -87,6 +88,9 @@ class Connection(Protocol):
     transport: asyncio.Transport | None
     remote: str
     closing: bool
+
+    @property
+    def draining(self) -> bool: ...
 
     @property
     def writing_paused(self) -> bool: ...
@@ -167,7 +171,12 @@ class Request:
         return self._conn.client_gone()
 
     def keeps_alive(self) -> bool:
-        return not (self.close or self._conn.closing)
+        """Whether the connection can carry another request after this answer: not when
+        either side asked to close, the sidecar is draining, or the request body was not
+        read to its end (an early answer: what follows cannot be told from a next request,
+        so the connection closes, and the answer must say so)."""
+        conn = self._conn
+        return not (self.close or conn.closing or conn.draining) and self.content.is_eof()
 
     def send(self, response: Response) -> None:
         """Write a whole Response: head and body in one write."""

@@ -9,6 +9,7 @@ address taken from the request is never dialled.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ from . import tracing
 from .balancer import Balancer, Outcome
 from .deadline import Deadline
 from .deadline import from_headers as deadline_from
-from .discovery import Discovery
+from .discovery import PANIC_HEADER, Discovery
 from .errors import (
+    ERROR_HEADER,
     BadRequest,
+    ClientClosed,
     MisdirectedRequest,
     SidecarError,
     UnknownService,
@@ -32,8 +35,20 @@ from .forward import REQUEST_ID, Forwarder, ForwardError, request_headers
 from .messages import Request, Response
 from .observe import Observer
 from .registry.base import Instance
-from .retry import FailureKind, ReplayBuffer, RetryBudget, backoff_delay, response_failure, retry_eligible
+from .retry import (
+    NEVER_SENT,
+    FailureKind,
+    ReplayBuffer,
+    RetryBudget,
+    backoff_delay,
+    response_failure,
+    retry_eligible,
+)
 from .tunnel import is_upgrade, tunnel
+
+# Retries of requests that never reached an app, on top of --retries (they spend no
+# budget): enough to step over a few dead instances that are still registered.
+MAX_UNSENT_RETRIES = 4
 
 _SERVICE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -162,10 +177,26 @@ class Outbound:
                 if isinstance(err, (UnknownService, BadRequest, MisdirectedRequest)):
                     service = "-"  # a name nobody registered never becomes a metric label
                 response = error_response(err, self.name, request.headers.get(REQUEST_ID))
+            except asyncio.CancelledError:
+                # the client left: the listener cancelled the call and every attempt with it
+                self._finished(request, ClientClosed.status, started, trace, service, call)
+                raise
+        self._finished(request, response.status, started, trace, service, call)
+        return response
+
+    def _finished(
+        self,
+        request: Request,
+        status: int,
+        started: float,
+        trace: tracing.TraceContext,
+        service: str,
+        call: _Call,
+    ) -> None:
         self.observer.finished(
             "outbound",
             request,
-            response.status,
+            status,
             started,
             trace,
             service=service,
@@ -173,7 +204,6 @@ class Outbound:
             request_id=call.request_id or request.headers.get(REQUEST_ID),
             attempts=call.attempts,
         )
-        return response
 
     async def _call(
         self,
@@ -192,55 +222,82 @@ class Outbound:
         if is_upgrade(request):
             return await self._tunnel(request, service, path, instances, headers, deadline, call)
         limited = self.forwarder.body(request)
-        body = ReplayBuffer(aiter(limited)) if limited is not None else None
+        body = ReplayBuffer(limited) if limited is not None else None
         tried: set[str] = set()
-        policy = self.policy
+        tries = _Tries()
         while True:
             call.attempts += 1
             now = time.monotonic()
             if deadline.expired(now):
                 raise UpstreamTimeout(f"the deadline for calling {service!r} passed")
+            if call.attempts > 1:
+                # the live set: an instance ejected, gone or joined since the last try counts
+                instances = self.discovery.current(service)
+            self._panic_header(service, headers, call.attempts > 1)
             lease = self.balancer.acquire(service, instances, exclude=tried)
             tried.add(lease.instance.id)
             call.instance = lease.instance.id
             headers.update(deadline.outgoing_headers(now))
-            timeout = deadline.try_timeout(policy.per_try_timeout, now)
-            try:
-                upstream = await self.forwarder.open(
-                    request.method,
-                    lease.instance.endpoint,
-                    path,
-                    headers,
-                    body.body() if body else None,
-                    timeout,
-                )
-            except ForwardError as err:
-                broken = limited.broken() if limited is not None else None
-                if broken is not None:
-                    self.balancer.release(lease, "cancelled")  # the caller broke a limit
-                    raise broken from err
-                self.balancer.release(lease, _outcome(err))
-                if err.kind != "refused" and self._may_retry(
-                    request, service, budget, deadline, call.attempts, _failure_kind(err), None, body
-                ):
-                    await asyncio.sleep(backoff_delay(call.attempts))
-                    continue
-                raise err.error from err
-            failure = response_failure(upstream.status, upstream.headers)
-            if failure is not None and self._may_retry(
-                request, service, budget, deadline, call.attempts, failure, upstream.status, body
-            ):
-                upstream.release()
-                self.balancer.release(lease, upstream.status)
-                await asyncio.sleep(backoff_delay(call.attempts))
-                continue
+            timeout = deadline.try_timeout(self.policy.per_try_timeout, now)
+            # The caller's impatience is not the instance's fault: an attempt cut short by
+            # a deadline the caller (or the previous hop) asked for is not charged to it.
+            per_try = self.policy.per_try_timeout or math.inf
+            cut_by_caller = deadline.source != "config" and timeout < per_try
+            everyone_tried = len(tried) >= len(instances)
             outcome: Outcome = "cancelled"
+            retry: FailureKind | None = None
             try:
+                try:
+                    upstream = await self.forwarder.open(
+                        request.method,
+                        lease.instance.endpoint,
+                        path,
+                        headers,
+                        body.body() if body else None,
+                        timeout,
+                    )
+                except ForwardError as err:
+                    broken = limited.broken() if limited is not None else None
+                    if broken is not None:  # the caller broke a limit or left: not the instance
+                        raise broken from err
+                    kind = _failure_kind(err)
+                    outcome = "cancelled" if cut_by_caller and kind == "timeout" else _outcome(err)
+                    if err.kind != "refused" and self._may_retry(
+                        request, service, budget, deadline, tries, kind, None, body, everyone_tried
+                    ):
+                        retry = kind
+                        continue
+                    raise err.error from err
+                failure = response_failure(upstream.status, upstream.headers)
+                outcome = upstream.status
+                if cut_by_caller and upstream.headers.get(ERROR_HEADER) == UpstreamTimeout.code:
+                    outcome = "cancelled"  # the next hop ran out of the caller's budget
+                if failure is not None and self._may_retry(
+                    request, service, budget, deadline, tries, failure, upstream.status, body, everyone_tried
+                ):
+                    self.forwarder.discard(upstream)
+                    retry = failure
+                    continue
+                outcome = "cancelled"  # until the answer is relayed
                 response = await self.forwarder.relay(request, upstream, call.request_id, limited)
                 outcome = upstream.status
                 return response
             finally:
                 self.balancer.release(lease, outcome)
+                if retry is not None and retry not in NEVER_SENT:
+                    # a never-sent request goes to the next instance at once; a real retry
+                    # waits a little, so that retries do not arrive in lockstep
+                    await asyncio.sleep(backoff_delay(tries.sent))
+
+    def _panic_header(self, service: str, headers: CIMultiDict[str], again: bool = False) -> None:
+        """Tell the peer sidecar to forward even though its app fails its health checks,
+        when every instance of the service does (the panic rule, see discovery). `again`:
+        a retry, whose headers may carry the previous attempt's (request_headers drops
+        every X-Sidecar- header a caller sent)."""
+        if self.discovery.panic(service):
+            headers[PANIC_HEADER] = "1"
+        elif again:
+            headers.popall(PANIC_HEADER, None)
 
     async def _tunnel(
         self,
@@ -254,6 +311,7 @@ class Outbound:
     ) -> Response:
         """A WebSocket upgrade: one attempt (the client waits on the handshake), and the open
         tunnel counts as an outstanding request of the endpoint for its whole life."""
+        self._panic_header(service, headers)
         lease = self.balancer.acquire(service, instances)
         call.instance, call.attempts = lease.instance.id, 1
         now = time.monotonic()
@@ -287,15 +345,31 @@ class Outbound:
         service: str,
         budget: RetryBudget,
         deadline: Deadline,
-        attempts: int,
+        tries: _Tries,
         kind: FailureKind,
         status: int | None,
         body: ReplayBuffer | None,
+        everyone_tried: bool,
     ) -> bool:
-        if attempts > self.policy.retries or deadline.expired(time.monotonic()):
+        """Whether to try again after a failed attempt, counting the attempt in `tries`.
+
+        A request that never reached an app may go to another instance whatever its
+        method, without spending `--retries` or the retry budget (it cost no app any
+        work), up to MAX_UNSENT_RETRIES times; every other retry spends both.
+        """
+        if deadline.expired(time.monotonic()):
             return False
         replayable = body is None or body.replayable
         if not retry_eligible(request.method, request.headers, kind, status, replayable):
+            return False
+        if kind in NEVER_SENT:
+            tries.unsent += 1
+            if tries.unsent > MAX_UNSENT_RETRIES or everyone_tried:
+                return False  # (not once more to an instance that just turned it away)
+            self.metrics.inc_retry(service)
+            return True
+        tries.sent += 1
+        if tries.sent > self.policy.retries:
             return False
         if not budget.can_retry():
             self.metrics.inc_budget_exhausted(service)
@@ -303,6 +377,17 @@ class Outbound:
         budget.record_retry()
         self.metrics.inc_retry(service)
         return True
+
+
+class _Tries:
+    """Retries one call has made: of requests that may have reached an app, and of ones
+    that cannot have."""
+
+    __slots__ = ("sent", "unsent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.unsent = 0
 
 
 class _Call:
@@ -316,17 +401,20 @@ class _Call:
         self.request_id: str | None = None
 
 
+_FAILURE_KINDS: dict[str, FailureKind] = {
+    "timeout": "timeout",
+    "connect_failure": "connect_failure",
+    "unsent": "reset_before_send",
+}
+
+
 def _failure_kind(err: ForwardError) -> FailureKind:
-    return (
-        "timeout"
-        if err.kind == "timeout"
-        else "connect_failure"
-        if err.kind == "connect_failure"
-        else "reset"
-    )
+    return _FAILURE_KINDS.get(err.kind, "reset")
 
 
 def _outcome(err: ForwardError) -> Outcome:
-    if err.kind == "refused":
+    """What the attempt says about the instance: nothing when the sidecar refused the
+    request or never sent it for reasons of its own (a full pool, a closed connection)."""
+    if err.kind in ("refused", "unsent"):
         return "cancelled"
     return _failure_kind(err)

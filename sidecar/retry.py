@@ -1,13 +1,15 @@
 """Whether a failed attempt may be tried again, and how much retrying the sidecar can afford.
 
 Rules of this file:
-- a request that never left (connect failure, reset before any byte was written, or a
-  peer sidecar that answered for itself without reaching its app) is retried whatever
-  its method;
+- a request that never left (connect failure, our pool to the endpoint full or its wait
+  run out, the connection closed before any byte was written, or a peer sidecar that
+  answered for itself without reaching its app) is retried whatever its method, and
+  costs no retry budget (it put no load on any app);
 - otherwise only an idempotent request is retried (GET HEAD OPTIONS PUT DELETE TRACE, or
   any request with an `Idempotency-Key`), and only on a reset, a per-try timeout or a
   502/503/504 answer;
-- a body that streamed past the replay buffer cannot be sent again: never retried;
+- a retry sends the whole body again or does not happen: a body that streamed past the
+  replay buffer is never retried;
 - the retry budget caps retries at `ratio` of the recent requests plus a small floor per
   second, so that retries cannot multiply load during an outage.
 The deadline still applies: the caller must not retry once its deadline has passed.
@@ -15,19 +17,31 @@ The deadline still applies: the caller must not retry once its deadline has pass
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Literal
+from typing import Literal, Protocol
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
+# Bytes of a request body kept for a retry: a body that streams past this is sent once.
+# (Envoy keeps up to 1 MiB per request; a quarter of that covers the usual JSON uploads
+# and keeps a thousand concurrent uploads under 256 MiB.)
+REPLAY_LIMIT = 256 * 1024
 IDEMPOTENCY_KEY = "Idempotency-Key"
-# Codes of X-Sidecar-Error answers that a peer sidecar gives without forwarding to its app.
+# Codes of X-Sidecar-Error answers that a peer sidecar gives without forwarding to its
+# app. A peer sidecar drops the X-Sidecar-* headers of its app's answers (an app may relay
+# its own sidecar's error), so on an answer from a peer this header is the peer's own.
 NOT_FORWARDED_CODES = frozenset(
-    {"app_unhealthy", "draining", "upstream_connect_failed", "service_overloaded"}
+    {
+        "app_unhealthy",
+        "draining",
+        "upstream_connect_failed",
+        "service_overloaded",
+        "upstream_pool_full",
+        "too_many_connections",
+    }
 )
 
 # How an attempt failed:
@@ -163,16 +177,25 @@ class RetryBudget:
         self.retries_total += 1
 
 
+class BodySource(Protocol):
+    """Where a request body comes from (forward.LimitedBody): `read()` gives the next
+    chunk, b"" at the end, and may be cancelled without losing bytes."""
+
+    async def read(self) -> bytes: ...
+
+
 class ReplayBuffer:
-    """Keeps the first `limit` bytes of a request body so a retry can send it again.
+    """Keeps the first `limit` bytes of a request body so a retry can send it again whole.
 
     `body()` gives one attempt's byte stream: the bytes recorded so far, then the rest of
     the source, recording while the total stays within `limit`. Past that, `replayable`
-    turns False and the recording is dropped. Each `body()` supersedes the previous one:
-    an older stream that tries to read on raises rather than send a truncated body.
+    turns False and the recording is dropped: no later attempt may start. Each `body()`
+    supersedes the previous one: an older stream that tries to read on raises rather
+    than send a truncated body. An attempt ended half way (cancelled) loses nothing: the
+    next attempt replays what was recorded and reads on from the source.
     """
 
-    def __init__(self, source: AsyncIterator[bytes], limit: int = 64 * 1024) -> None:
+    def __init__(self, source: BodySource, limit: int = REPLAY_LIMIT) -> None:
         self._source = source
         self.limit = limit
         self._chunks: list[bytes] = []
@@ -180,7 +203,6 @@ class ReplayBuffer:
         self.replayable = True
         self.exhausted = False  # the source has ended
         self._generation = 0
-        self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<ReplayBuffer consumed={self.consumed} limit={self.limit} replayable={self.replayable}>"
@@ -195,26 +217,28 @@ class ReplayBuffer:
     async def _stream(self, generation: int) -> AsyncIterator[bytes]:
         index = 0
         while True:
+            if generation != self._generation:
+                raise RuntimeError("superseded by a newer attempt")
             if index < len(self._chunks):
                 yield self._chunks[index]
                 index += 1
                 continue
             if self.exhausted:
                 return
-            async with self._lock:
-                if generation != self._generation:
-                    raise RuntimeError("superseded by a newer attempt")
-                if index < len(self._chunks) or self.exhausted:
-                    continue
-                try:
-                    chunk = await anext(self._source)
-                except StopAsyncIteration:
-                    self.exhausted = True
-                    return
-                self.consumed += len(chunk)
-                if self.replayable and self.consumed <= self.limit:
-                    self._chunks.append(chunk)
-                    continue  # yielded from the recording at the top of the loop
+            # Only the newest attempt reads the source, and one attempt reads one chunk at
+            # a time, so no lock is needed; a cancelled read loses nothing (BodySource).
+            chunk = await self._source.read()
+            if generation != self._generation:
+                raise RuntimeError("superseded by a newer attempt")
+            if not chunk:
+                self.exhausted = True
+                return
+            self.consumed += len(chunk)
+            if self.replayable and self.consumed <= self.limit:
+                self._chunks.append(chunk)
+                index += 1
+            else:
                 self.replayable = False
                 self._chunks = []
+                index = 0
             yield chunk

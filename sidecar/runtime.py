@@ -75,8 +75,9 @@ class Sidecar:
                 write_timeout=lim.write_timeout,
                 max_connections=lim.upstream_max_connections,
                 max_pending=lim.upstream_max_pending,
+                to_app=to_app,
             )
-            for _ in range(2)
+            for to_app in (True, False)
         )
         self.discovery = Discovery(self.registry)
         self.metrics_registry = Metrics()
@@ -400,7 +401,11 @@ class Sidecar:
         await self.registration.announce_stop()
         # Even when the app is already gone, keep the listeners for the drain delay: peers
         # that have not seen the news yet get a fast 503 from us instead of a refused
-        # connection.
+        # connection. Every answer from now on closes its connection, so that no caller
+        # keeps one pooled that would be closed under its next request.
+        for listener in self.listeners.values():
+            if listener.server is not None:
+                listener.server.draining = True
         if lifecycle.drain_delay > 0:
             await asyncio.sleep(lifecycle.drain_delay)
         workers_done = (

@@ -41,7 +41,15 @@ class HeadTimeout(TimeoutError):
 
 
 class ConnectTimeout(TimeoutError):
-    """No connection (pool wait + TCP connect) within the connect timeout."""
+    """The TCP connect did not finish within the connect timeout (or the per-try deadline)."""
+
+
+class PoolTimeout(TimeoutError):
+    """No pooled connection came free within the connect timeout (or the per-try deadline)."""
+
+
+class NotSent(ConnectionError):
+    """The connection closed before a byte of the request was written."""
 
 
 class BadRequestHead(ValueError):
@@ -87,20 +95,26 @@ class UpstreamResponse:
         return f"<UpstreamResponse {self.status} from {self.endpoint}>"
 
     def release(self) -> None:
-        writer = self._writer
-        self._give_back(self.content.is_eof() and (writer is None or writer.done()))
+        self._give_back(self._complete())
 
     def close(self) -> None:
         self._give_back(False)
+
+    def _complete(self) -> bool:
+        """Whether both the request body and the answer went through whole."""
+        writer = self._writer
+        return self.content.is_eof() and (writer is None or writer.done())
 
     def _give_back(self, reusable: bool) -> None:
         conn = self._conn
         if conn is None:
             return
         self._conn = None
+        complete = self._complete()
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
-        self._pool.put(conn, reusable)
+        # an exchange abandoned half way is reset, so that the peer stops working on it
+        self._pool.put(conn, reusable, abandon=not complete)
 
 
 class Pool:
@@ -150,14 +164,16 @@ class Pool:
             while idle:
                 conn, expires = idle.pop()
                 if expires > now and conn.is_connected():
-                    return conn
+                    if expires - now > self._keepalive - _TRUST_IDLE or _established(conn):
+                        return conn
                 conn.close()
                 self._lost(conn)
         return None
 
     async def acquire(self, deadline: float | None) -> ResponseHandler:
-        """An idle connection, a new one, or the next one released. Raises ConnectTimeout,
-        HeadTimeout (the per-try `deadline` passed first) or OSError."""
+        """An idle connection, a new one, or the next one released, before the connect
+        timeout or the per-try `deadline`, whichever comes first. Raises PoolTimeout,
+        ConnectTimeout or OSError: in every case nothing was sent."""
         ready = self.idle()
         if ready is not None:
             return ready
@@ -166,10 +182,8 @@ class Pool:
         if self.size >= self._max:
             waiter: asyncio.Future[ResponseHandler | None] = loop.create_future()
             self._waiters.append(waiter)
-            if deadline is not None and deadline < connect_by:
-                self._give_up_at(deadline, waiter, HeadTimeout)
-            else:
-                self._give_up_at(connect_by, waiter, ConnectTimeout)
+            give_up = connect_by if deadline is None else min(deadline, connect_by)
+            self._give_up_at(give_up, waiter, PoolTimeout)
             try:
                 got = await waiter
             except BaseException:
@@ -238,16 +252,15 @@ class Pool:
                     lambda: ResponseHandler(loop), self.host, self.port
                 )
         except TimeoutError:
-            if deadline is not None and deadline < connect_by:
-                raise HeadTimeout() from None
             raise ConnectTimeout() from None
         sock = _transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def put(self, conn: ResponseHandler, reusable: bool) -> None:
-        """Give back a connection after an exchange: pooled when `reusable`, else closed."""
+    def put(self, conn: ResponseHandler, reusable: bool, abandon: bool = False) -> None:
+        """Give back a connection after an exchange: pooled when `reusable`, else closed;
+        `abandon`: the exchange did not finish, so reset the connection instead."""
         if reusable and not self.closed and not conn.should_close and conn.is_connected():
             waiters = self._waiters
             while waiters:
@@ -261,7 +274,10 @@ class Pool:
             if self._cleanup is None:
                 self._cleanup = self.loop.call_at(expires, self._expire)
             return
-        conn.close()
+        if abandon:
+            conn.abort()
+        else:
+            conn.close()
         self._lost(conn)
 
     def _lost(self, conn: ResponseHandler) -> None:
@@ -342,8 +358,8 @@ class Pool:
                 read_bufsize=READ_BUFSIZE,
             )
             transport = conn.transport
-            if transport is None:
-                raise ClientConnectionResetError("the connection closed before the request was sent")
+            if transport is None or transport.is_closing():
+                raise NotSent("the connection closed before the request was sent")
             transport.write(head)
             if deadline is None:
                 conn.start_timeout()
@@ -362,7 +378,9 @@ class Pool:
                 handle.cancel()
             if writer is not None and not writer.done():
                 writer.cancel()
-            self.put(conn, False)
+            # A reset, not a close: the peer (a sidecar or an app) must see that the
+            # request was abandoned, not a half-close after which it would still answer.
+            self.put(conn, False, abandon=True)
             raise
         if handle is not None:
             handle.cancel()
@@ -370,6 +388,27 @@ class Pool:
             conn.read_timeout = self._read_timeout
             conn.start_timeout()  # dropped by aiohttp when the body ends
         return UpstreamResponse(self, conn, writer, code, message.reason, message.headers, payload)
+
+
+# A connection idle for longer than this is asked of the kernel before it is reused: the
+# peer may have closed it (a sidecar killed a moment ago) with the news not yet through the
+# event loop, and a request written on it would be lost, maybe unretryable (a POST). Under
+# load connections are idle for microseconds and skip the check (a system call).
+_TRUST_IDLE = 0.005
+_TCP_ESTABLISHED = 1
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux only
+
+
+def _established(conn: ResponseHandler) -> bool:
+    """Whether the kernel still has the connection open both ways (Linux TCP_INFO)."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6) or _TCP_INFO is None:
+        return True
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_ESTABLISHED)
+    except OSError:
+        return False
 
 
 def _fail(waiter: asyncio.Future[Any], exc: type[BaseException]) -> None:

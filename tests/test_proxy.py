@@ -109,7 +109,7 @@ def test_outbound_unknown_service_and_ip_targets(start_app, start_sidecar):
     assert b"no_service_named" in raw
 
 
-def test_no_healthy_instance_is_503_and_app_refused_is_502(start_app, start_sidecar, procs):
+def test_unhealthy_only_instance_is_gated_but_served_in_panic(start_app, start_sidecar, procs):
     app = start_app("pay")
     pay = start_sidecar(app.port, "--name", "pay")
     caller_app = start_app("caller")
@@ -117,17 +117,41 @@ def test_no_healthy_instance_is_503_and_app_refused_is_502(start_app, start_side
     assert http("GET", f"{caller.outbound}/pay/x")[0] == 200
 
     http("POST", f"{app.url}/_health?ok=0")
-    # First the instance's own sidecar gates it (app_unhealthy), then the registry
-    # update reaches the caller, which stops routing there at all.
+    # The instance's own sidecar gates it (app_unhealthy) for everyone...
     wait_for(
-        lambda: http("GET", f"{caller.outbound}/pay/x")[1].get("X-Sidecar-Error") == "no_healthy_instance",
+        lambda: http("GET", f"{pay.inbound}/x")[1].get("X-Sidecar-Error") == "app_unhealthy",
+        10,
+        what="app_unhealthy from pay's own sidecar",
+    )
+    # ...but once the registry says no instance of pay passes, the caller is in panic: it
+    # routes to the critical instance, whose app still answers (its health endpoint says
+    # 503), so the request is served instead of the service vanishing.
+    wait_for(
+        lambda: caller.status()["upstreams"]["pay"].get("panic"),
+        10,
+        what="the caller to see pay in panic",
+    )
+    status, headers, body = http("GET", f"{caller.outbound}/pay/x")
+    assert status == 200 and "X-Sidecar-Error" not in headers, (status, headers, body)
+    status, headers, _ = http("GET", f"{pay.inbound}/x")
+    assert status == 503 and headers["X-Sidecar-Error"] == "app_unhealthy"
+
+
+def test_no_instance_at_all_is_503_no_healthy_instance(start_app, start_sidecar, procs):
+    app = start_app("gone")
+    gone = start_sidecar(app.port, "--name", "gone")
+    caller_app = start_app("caller")
+    caller = start_sidecar(caller_app.port, "--name", "caller")
+    assert http("GET", f"{caller.outbound}/gone/x")[0] == 200
+    gone.signal(signal.SIGTERM)  # deregisters: the name stays known to the caller's watch
+    assert gone.wait() == 0
+    wait_for(
+        lambda: http("GET", f"{caller.outbound}/gone/x")[1].get("X-Sidecar-Error") == "no_healthy_instance",
         10,
         what="no_healthy_instance from caller",
     )
-    status, headers, body = http("GET", f"{caller.outbound}/pay/x")
+    status, _, body = http("GET", f"{caller.outbound}/gone/x")
     assert status == 503 and json.loads(body)["error"] == "no_healthy_instance"
-    status, headers, _ = http("GET", f"{pay.inbound}/x")
-    assert status == 503 and headers["X-Sidecar-Error"] == "app_unhealthy"
 
 
 def test_app_refusing_connections_gives_502(start_sidecar):

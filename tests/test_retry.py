@@ -165,10 +165,22 @@ def test_budget_window_slides():
 # -- replay buffer ------------------------------------------------------------------------
 
 
-async def chunks(*parts: bytes):
-    for part in parts:
+class chunks:
+    """A BodySource (like forward.LimitedBody) over fixed parts; with `hold`, the body's
+    end waits for `more` (set it after adding parts): `read()` may be cancelled while it
+    waits without losing a part."""
+
+    def __init__(self, *parts: bytes, hold: bool = False) -> None:
+        self.parts = list(parts)
+        self.more = asyncio.Event()
+        if not hold:
+            self.more.set()
+
+    async def read(self) -> bytes:
         await asyncio.sleep(0)
-        yield part
+        if not self.parts:
+            await self.more.wait()  # the rest of the body has not arrived yet
+        return self.parts.pop(0) if self.parts else b""
 
 
 async def collect(stream) -> bytes:
@@ -208,6 +220,27 @@ async def test_body_of_exactly_the_limit_is_replayable():
     assert await collect(buf.body()) == b"a" * 5 + b"b" * 5
     assert buf.replayable
     assert "replayable=True" in repr(buf)
+
+
+async def test_an_attempt_cancelled_while_the_body_arrives_loses_nothing():
+    # issue 12, defect 3: ending an attempt (an early 503, a per-try timeout) cancelled
+    # the body read under it, which ended the body; the retry then sent half of it as a
+    # complete, well-formed body
+    source = chunks(b"first-half;", hold=True)
+    buf = ReplayBuffer(source, limit=100)
+    first = buf.body()
+    assert await anext(first) == b"first-half;"
+    reading = asyncio.ensure_future(anext(first))  # waits for the rest of the upload
+    await asyncio.sleep(0.01)
+    reading.cancel()  # the attempt ends while it waits
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert not buf.exhausted
+    second = buf.body()
+    source.parts.append(b"second-half")  # the rest of the upload arrives
+    source.more.set()
+    assert await collect(second) == b"first-half;second-half"
+    assert buf.exhausted and buf.consumed == len(b"first-half;second-half")
 
 
 async def test_empty_body():
