@@ -261,7 +261,9 @@ class Outbound:
                     if broken is not None:  # the caller broke a limit or left: not the instance
                         raise broken from err
                     kind = _failure_kind(err)
-                    outcome = "cancelled" if cut_by_caller and kind == "timeout" else _outcome(err)
+                    # (a connect or a wait cut by the caller's deadline is a timeout too)
+                    caller_cut = cut_by_caller and isinstance(err.error, UpstreamTimeout)
+                    outcome = "cancelled" if caller_cut else _outcome(err)
                     if err.kind != "refused" and self._may_retry(
                         request, service, budget, deadline, tries, kind, None, body, everyone_tried
                     ):
@@ -269,9 +271,13 @@ class Outbound:
                         continue
                     raise err.error from err
                 failure = response_failure(upstream.status, upstream.headers)
-                outcome = upstream.status
-                if cut_by_caller and upstream.headers.get(ERROR_HEADER) == UpstreamTimeout.code:
-                    outcome = "cancelled"  # the next hop ran out of the caller's budget
+                # the next hop may have run out of the caller's budget: not the instance's fault
+                answered: Outcome = (
+                    "cancelled"
+                    if cut_by_caller and upstream.headers.get(ERROR_HEADER) == UpstreamTimeout.code
+                    else upstream.status
+                )
+                outcome = answered
                 if failure is not None and self._may_retry(
                     request, service, budget, deadline, tries, failure, upstream.status, body, everyone_tried
                 ):
@@ -280,7 +286,7 @@ class Outbound:
                     continue
                 outcome = "cancelled"  # until the answer is relayed
                 response = await self.forwarder.relay(request, upstream, call.request_id, limited)
-                outcome = upstream.status
+                outcome = answered
                 return response
             finally:
                 self.balancer.release(lease, outcome)
