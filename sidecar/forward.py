@@ -179,11 +179,14 @@ def response_headers(upstream: CIMultiDictProxy[str], request_id: str, from_app:
     drop = _DROP_RESPONSE
     if "Connection" in upstream:
         drop = drop | connection_listed(upstream)
-    headers = [
-        (key, value)
-        for key, value in upstream.items()
-        if key.lower() not in drop and not (from_app and key.lower().startswith(INTERNAL_PREFIX))
-    ]
+    if from_app:
+        headers = [
+            (key, value)
+            for key, value in upstream.items()
+            if (lowered := key.lower()) not in drop and not lowered.startswith(INTERNAL_PREFIX)
+        ]
+    else:
+        headers = [(key, value) for key, value in upstream.items() if key.lower() not in drop]
     headers.append((REQUEST_ID, upstream.get(REQUEST_ID, request_id)))
     if "Date" not in upstream:  # RFC 9110 section 6.6.1: a recipient with a clock adds it
         headers.append(("Date", http_date()))
