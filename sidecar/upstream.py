@@ -164,8 +164,7 @@ class Pool:
             while idle:
                 conn, expires = idle.pop()
                 if expires > now and conn.is_connected():
-                    if expires - now > self._keepalive - _TRUST_IDLE or _established(conn):
-                        return conn
+                    return conn
                 conn.close()
                 self._lost(conn)
         return None
@@ -388,27 +387,6 @@ class Pool:
             conn.read_timeout = self._read_timeout
             conn.start_timeout()  # dropped by aiohttp when the body ends
         return UpstreamResponse(self, conn, writer, code, message.reason, message.headers, payload)
-
-
-# A connection idle for longer than this is asked of the kernel before it is reused: the
-# peer may have closed it (a sidecar killed a moment ago) with the news not yet through the
-# event loop, and a request written on it would be lost, maybe unretryable (a POST). Under
-# load connections are idle for microseconds and skip the check (a system call).
-_TRUST_IDLE = 0.005
-_TCP_ESTABLISHED = 1
-_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux only
-
-
-def _established(conn: ResponseHandler) -> bool:
-    """Whether the kernel still has the connection open both ways (Linux TCP_INFO)."""
-    transport = conn.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6) or _TCP_INFO is None:
-        return True
-    try:
-        return bool(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_ESTABLISHED)
-    except OSError:
-        return False
 
 
 def _fail(waiter: asyncio.Future[Any], exc: type[BaseException]) -> None:
