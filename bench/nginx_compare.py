@@ -5,7 +5,7 @@
 Installs nginx from Debian when it is missing (apt-get; needs root), starts the crafted-bytes
 app (tests/apps/raw_app.py), one sidecar in front of it (inbound listener) and nginx as a
 reverse proxy in front of the same app, all on loopback ports, with a temporary prefix
-directory. Each request case of tests/test_http_corpus.py and each malformed-response case
+directory. Each request case of tests/http/test_corpus.py and each malformed-response case
 is sent to both; the table shows status, whether the connection was closed, and whether
 anything reached the app. Everything started here is stopped by PID at the end.
 Not part of the test command: it feeds the closing note of issue 5.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.faultproxy import RawApp, exchange  # noqa: E402
 from tests.helpers import Proc, Sidecar, free_port, wait_for  # noqa: E402
-from tests.test_http_corpus import BODY_LIMIT, CASES, RESPONSE_CASES, fill  # noqa: E402
+from tests.http.test_corpus import BODY_LIMIT, CASES, RESPONSE_CASES, fill  # noqa: E402
 
 NGINX_CONF = """
 worker_processes 1;

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from .messages import Response
+from .http.messages import Response
 
 ERROR_HEADER = "X-Sidecar-Error"
 

@@ -19,12 +19,13 @@ from .deadline import TIMEOUT_HEADER
 from .deadline import from_headers as deadline_from
 from .discovery import PANIC_HEADER
 from .errors import AppUnhealthy, ClientClosed, SidecarError, error_response
-from .forward import REQUEST_ID, Forwarder, request_headers
+from .forward import Forwarder
 from .health import HealthChecker
-from .messages import Request, Response
+from .http.headers import REQUEST_ID, request_headers
+from .http.messages import Request, Response
+from .http.tunnel import is_upgrade, tunnel
 from .observe import Observer
 from .registry.base import join_host_port
-from .tunnel import is_upgrade, tunnel
 
 
 class Inbound:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from .accesslog import AccessLog
-from .messages import Request
+from .http.messages import Request
 from .metrics import Metrics
 from .tracing import FinishedSpan, SpanExporter, TraceContext
 

@@ -31,8 +31,10 @@ from .errors import (
     UpstreamTimeout,
     error_response,
 )
-from .forward import REQUEST_ID, Forwarder, ForwardError, request_headers
-from .messages import Request, Response
+from .forward import Forwarder, ForwardError
+from .http.headers import REQUEST_ID, request_headers
+from .http.messages import Request, Response
+from .http.tunnel import is_upgrade, tunnel
 from .observe import Observer
 from .registry.base import Instance
 from .retry import (
@@ -44,7 +46,6 @@ from .retry import (
     response_failure,
     retry_eligible,
 )
-from .tunnel import is_upgrade, tunnel
 
 # Retries of requests that never reached an app, on top of --retries (they spend no
 # budget): enough to step over a few dead instances that are still registered.

@@ -31,8 +31,9 @@ from .config import Config
 from .discovery import Discovery
 from .forward import Forwarder
 from .health import HealthChecker
+from .http.listener import Listener
+from .http.server import ServerLimits
 from .inbound import Inbound
-from .listener import Listener, ServerLimits
 from .metrics import Metrics
 from .observe import Observer
 from .outbound import Outbound, RetryPolicy
@@ -51,7 +52,8 @@ EXIT_APP_NOT_FOUND = 127
 
 def make_registry(config: Config) -> Registry:
     if config.registry.kind == "consul":
-        from .registry.consul import ConsulRegistry, ConsulSettings
+        from .registry.consul import ConsulRegistry
+        from .registry.consul_settings import ConsulSettings
 
         return ConsulRegistry(ConsulSettings.from_sources(config.registry.consul_flags, os.environ))
     from .registry.local import LocalRegistry

@@ -11,7 +11,7 @@ client's `Upgrade`), and reads the endpoint's response head.
   extensions, plus X-Request-Id), and from then on bytes are copied both ways until either
   side closes or nothing moved for `idle_timeout` seconds.
 
-How the client connection is taken over (listener.ClientConnection):
+How the client connection is taken over (server.ClientConnection):
 - llhttp (aiohttp's C parser) switches to "upgraded" mode after a bodiless request with
   `Connection: upgrade` and `Upgrade: websocket`; bytes that arrive afterwards are not
   parsed as HTTP but held by the connection.
@@ -34,8 +34,8 @@ from collections.abc import AsyncGenerator
 
 from multidict import CIMultiDict
 
-from .errors import BadRequest, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from .forward import REQUEST_ID, connection_listed, strip_hop_by_hop
+from ..errors import BadRequest, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from .headers import REQUEST_ID, connection_listed, strip_hop_by_hop
 from .messages import Headers, Request, Response
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The request and response of the lean HTTP/1.1 server in `listener.py`.
+"""The request and response of the lean HTTP/1.1 server in `server.py`.
 
 A `Request` is what a handler gets: the parsed head (llhttp, aiohttp's C parser), the body
 as a byte stream, and the methods that write the answer on the client connection. A
@@ -83,7 +83,7 @@ class Response:
 
 
 class Connection(Protocol):
-    """What a Request needs of its client connection (listener.ClientConnection)."""
+    """What a Request needs of its client connection (server.ClientConnection)."""
 
     transport: asyncio.Transport | None
     remote: str

@@ -1,4 +1,4 @@
-"""WebSocket tunnelling (sidecar/tunnel.py) over real loopback sockets.
+"""WebSocket tunnelling (sidecar/http/tunnel.py) over real loopback sockets.
 
 A real aiohttp WebSocket app, one or two of the sidecar's listeners with a tunnelling
 handler in front of it (like outbound sidecar -> inbound sidecar -> app), and real
@@ -24,10 +24,11 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from sidecar.errors import SidecarError, error_response
-from sidecar.forward import request_headers
-from sidecar.listener import Listener, ServerLimits
-from sidecar.messages import Request, Response
-from sidecar.tunnel import is_upgrade, tunnel
+from sidecar.http.headers import request_headers
+from sidecar.http.listener import Listener
+from sidecar.http.messages import Request, Response
+from sidecar.http.server import ServerLimits
+from sidecar.http.tunnel import is_upgrade, tunnel
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -518,7 +519,7 @@ async def test_two_chained_tunnels(app: EchoApp) -> None:
 
 
 async def test_through_the_sidecars_own_listeners(app: EchoApp) -> None:
-    """The hand-over also works behind sidecar.listener's hardened protocol (head timer, limits)."""
+    """The hand-over also works behind sidecar.http.server's hardened protocol (head timer, limits)."""
     limits = ServerLimits(header_timeout=0.3, idle_timeout=0.3)
     inbound = Listener("inbound", tunnelling(app.port), "127.0.0.1", 0, 0.5, limits=limits)
     await inbound.start()
