@@ -24,7 +24,8 @@ from statistics import median
 
 from sidecar.balancer import make_balancer
 from sidecar.registry.base import CheckSpec, Instance
-from sidecar.registry.consul import ConsulRegistry, ConsulSettings
+from sidecar.registry.consul import ConsulRegistry
+from sidecar.registry.consul_settings import ConsulSettings
 from sidecar.registry.local import LocalRegistry
 from sidecar.runtime import tune_gc
 

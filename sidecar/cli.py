@@ -339,7 +339,7 @@ def cli(**opts: Any) -> None:
             command=opts["command"],
         )
         if config.registry.kind == "consul":
-            from .registry.consul import ConsulSettings
+            from .registry.consul_settings import ConsulSettings
 
             ConsulSettings.from_sources(consul_flags, os.environ)  # validate now, fail at startup
     except (ConfigError, ValueError) as exc:

@@ -26,7 +26,8 @@ from sidecar.registry.base import (
     RegistryUnavailable,
     Status,
 )
-from sidecar.registry.consul import ConsulRegistry, ConsulSettings
+from sidecar.registry.consul import ConsulRegistry
+from sidecar.registry.consul_settings import ConsulSettings
 from sidecar.registry.local import LocalRegistry
 
 

@@ -19,7 +19,8 @@ from sidecar.registry.base import (
     RegistryDenied,
     RegistryUnavailable,
 )
-from sidecar.registry.consul import ConsulRegistry, ConsulSettings
+from sidecar.registry.consul import ConsulRegistry
+from sidecar.registry.consul_settings import ConsulSettings
 
 SENTINEL = "s3cr3t-sentinel-5f0c1d2e"
 

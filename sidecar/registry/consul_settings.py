@@ -16,13 +16,14 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sidecar.registry.base import join_host_port
+
 DEFAULT_ADDR = "127.0.0.1:8500"
 
 # Go's strconv.ParseBool, which Consul uses for CONSUL_HTTP_SSL and CONSUL_HTTP_SSL_VERIFY.
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
 
 
 def _parse_bool(value: str, label: str) -> bool:
@@ -236,7 +237,7 @@ def _read_token_file(path: str, label: str) -> str:
     return token
 
 
-def _ssl_context(settings: ConsulSettings) -> ssl.SSLContext | bool:
+def ssl_context(settings: ConsulSettings) -> ssl.SSLContext | bool:
     """The `ssl=` argument for aiohttp: True (plain default) for http, a context for https."""
     if not settings.tls:
         return True
@@ -250,4 +251,3 @@ def _ssl_context(settings: ConsulSettings) -> ssl.SSLContext | bool:
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"consul TLS settings: cannot load the CA or client certificate: {exc}") from None
     return ctx
-
