@@ -11,6 +11,7 @@ from sidecar.registry.base import CheckSpec, Instance, RegistrationLost
 from sidecar.registry.local import LocalRegistry
 
 CHECK = CheckSpec(ttl=0.5, deregister_after=0.5)
+LONG = CheckSpec(ttl=30, deregister_after=60)
 
 
 def inst(i: int, name: str = "svc") -> Instance:
@@ -157,3 +158,42 @@ async def test_a_critical_row_whose_heartbeat_expired_is_gone_not_critical(regis
         assert only_stale.known and only_stale.instances == () and only_stale.critical == ()
     finally:
         await reg.close()
+
+
+async def test_close_waits_for_a_write_whose_caller_was_cancelled(registry_path):
+    """A cancelled caller leaves its worker thread running; close() must not shut the
+    connection under that thread (closing it mid-statement crashed the process once)."""
+    import sqlite3
+
+    reg = LocalRegistry(registry_path)
+    await reg.open()
+    blocker = sqlite3.connect(registry_path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the registry's next write waits on this lock
+    released_at: list[float] = []
+
+    def release() -> None:
+        blocker.execute("COMMIT")
+        released_at.append(time.monotonic())
+
+    try:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(reg.register(inst(7), LONG, "passing", "ok"), 0.1)
+            raise AssertionError("the write should have waited on the lock")
+        except TimeoutError:
+            pass
+        loop.call_later(0.4, release)
+        await reg.close()
+        closed_at = time.monotonic()
+        assert released_at and closed_at >= released_at[0]
+    finally:
+        if not released_at:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+    # the write its caller gave up on ran to the end, and the registry works afterwards
+    again = LocalRegistry(registry_path)
+    await again.open()
+    try:
+        assert (await again.query("svc", 0, 0)).instances == (inst(7),)
+    finally:
+        await again.close()

@@ -108,20 +108,42 @@ class LocalRegistry(Registry):
             with contextlib.suppress(sqlite3.Error):
                 db.close()
 
+    def _call_or_reset(self, fn: Any, *args: Any) -> Any:
+        try:
+            return self._call(fn, *args)
+        except (sqlite3.Error, OSError):
+            self._close_db()  # start from a fresh connection next time
+            raise
+
     async def _run(self, what: str, fn: Any, *args: Any) -> Any:
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(self._call, fn, *args)
-            except (sqlite3.Error, OSError) as exc:
-                await asyncio.to_thread(self._close_db)  # start from a fresh connection next time
-                raise RegistryUnavailable(f"{what} in local registry {self.path}: {exc}") from exc
+        try:
+            return await self._in_thread(self._call_or_reset, fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise RegistryUnavailable(f"{what} in local registry {self.path}: {exc}") from exc
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` in a worker thread, one at a time. A caller that is cancelled stops
+        waiting, but the lock is held until the thread is done with the connection, so
+        that `close()` (or the next call) never touches it while a thread still does."""
+        await self._lock.acquire()
+        try:
+            work = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except BaseException:
+            self._lock.release()
+            raise
+        work.add_done_callback(self._thread_done)
+        return await asyncio.shield(work)
+
+    def _thread_done(self, work: asyncio.Future[Any]) -> None:
+        self._lock.release()
+        if not work.cancelled():
+            work.exception()  # seen here even when the caller was cancelled and left
 
     async def open(self) -> None:
         await self._run("opening", lambda db: None)
 
     async def close(self) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self._close_db)
+        await self._in_thread(self._close_db)
 
     async def register(self, instance: Instance, check: CheckSpec, status: Status, note: str) -> None:
         def write(db: sqlite3.Connection) -> None:
