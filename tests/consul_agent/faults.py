@@ -1,0 +1,75 @@
+"""Fault switches: what a test does to the agent to see how its clients cope.
+
+``refuse``, ``error500`` and ``hang`` last until ``none``; ``wipe`` and ``reset_index`` happen
+once (see :meth:`FaultSwitches.set_fault` and the package docstring). The API socket that
+``refuse`` closes and the dispatch that ``error500`` and ``hang`` intercept are in core.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .core import AgentCore
+
+FAULTS = ("none", "refuse", "error500", "hang")
+ONE_SHOT_FAULTS = ("wipe", "reset_index")
+RESET_INDEX_BASE = 2
+
+
+class FaultSwitches(AgentCore):
+    """Switching faults on and off, and the one-shot ones."""
+
+    async def set_fault(self, mode: str) -> None:
+        """Switch a fault on (``refuse``, ``error500``, ``hang``), run one (``wipe``,
+        ``reset_index``) or go back to normal (``none`` / ``clear``)."""
+        if mode == "clear":
+            mode = "none"
+        if mode == "wipe":
+            self.wipe()
+            return
+        if mode == "reset_index":
+            self.reset_index()
+            return
+        if mode not in FAULTS:
+            raise ValueError(f"unknown fault {mode!r}; expected one of {FAULTS + ONE_SHOT_FAULTS}")
+        assert self._listener is not None
+        self.fault = mode
+        event, self._fault_changed = self._fault_changed, asyncio.Event()
+        event.set()
+        if mode == "refuse":
+            await self._listener.close()
+        elif not self._listener.is_open:
+            self.left.clear()
+            await self._listener.open()
+
+    def wipe(self) -> None:
+        """Forget services, checks, catalog entries and KV, as a restarted dev agent would.
+        Tokens added with :meth:`add_token` stay. The index keeps rising."""
+        for check in self._checks.values():
+            self._stop_runner(check)
+        index = self._index
+        self._reset_state()
+        self._index = index
+        self._bootstrap()
+
+    def reset_index(self) -> None:
+        """Move the Raft index back to a low value, like restoring an old snapshot: every entity
+        is re-stamped with the low index and blocked queries return at once."""
+        base = RESET_INDEX_BASE
+        self._index = base
+        for entity in (
+            *self._nodes.values(),
+            *self._services.values(),
+            *self._checks.values(),
+            *self._kv.values(),
+        ):
+            entity.create_index = base
+            entity.modify_index = base
+        for name in self._tables:
+            self._tables[name] = base
+        for name in self._service_index:
+            self._service_index[name] = base
+        for key in self._tombstones:
+            self._tombstones[key] = base
+        self._epoch += 1
+        self._notify()
