@@ -26,14 +26,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers import Proc, free_port, wait_for
+from tests.helpers import ReportedPortProc
 
 # -- the crafted-bytes app as a process ---------------------------------------------------
 
 
-class RawApp(Proc):
+class RawApp(ReportedPortProc):
+    """On the port given, or on one the kernel picks (port 0) and the app reports."""
+
     def __init__(self, record: Path, *args: str, port: int | None = None) -> None:
-        self.port = port or free_port()
         self.record = record
         super().__init__(
             [
@@ -41,15 +42,16 @@ class RawApp(Proc):
                 "-m",
                 "tests.apps.raw_app",
                 "--port",
-                str(self.port),
+                str(port or 0),
                 "--record",
                 str(record),
                 *args,
-            ]
+            ],
+            port,
         )
 
     def wait_up(self) -> RawApp:
-        wait_for(lambda: "listening" in self.output(), what=f"raw app on {self.port}")
+        self.wait_listening()  # it prints the line once it listens
         return self
 
     def seen(self) -> list[dict]:

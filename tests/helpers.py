@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A loopback port that was free a moment ago, for where nothing is meant to listen.
+
+    Not for a port a process is started to bind: by the time it binds, another process may
+    have taken it. Start such a process on port 0 and read the port it reports
+    (ReportedPortProc).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -99,13 +105,50 @@ class Proc:
         self._log.close()
 
 
-class App(Proc):
+REPORTED_PORT_RE = re.compile(r"listening on \S+:(\d+)")
+
+
+class ReportedPortProc(Proc):
+    """A server started with `--port 0` (or the port given), that prints "listening on
+    HOST:PORT" once bound: `port` is the one it reports, so that no port has to stay free
+    between choosing it and the server's bind."""
+
+    def __init__(
+        self, args: list[str], port: int | None = None, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
+        self._port = port or 0
+        super().__init__(args, env=env, cwd=cwd)
+
+    @property
+    def port(self) -> int:
+        """The port asked for, or else the bound one (waits for the server to report it)."""
+        return self._port or self.wait_listening()
+
+    def wait_listening(self, timeout: float = 15.0) -> int:
+        """Wait for the "listening on HOST:PORT" line; the port in it."""
+
+        def reported() -> int:
+            match = REPORTED_PORT_RE.search(self.output())
+            if match:
+                return int(match.group(1))
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.popen.args} exited {self.popen.returncode}:\n{self.output()}")
+            return 0
+
+        port = wait_for(reported, timeout, what=f"pid {self.pid} to say where it listens")
+        self._port = self._port or port
+        return port
+
+
+class App(ReportedPortProc):
     def __init__(self, name: str = "echo", port: int | None = None) -> None:
-        self.port = port or free_port()
         super().__init__(
-            [sys.executable, "-m", "tests.apps.echo_app", "--port", str(self.port), "--name", name]
+            [sys.executable, "-m", "tests.apps.echo_app", "--port", str(port or 0), "--name", name], port
         )
-        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def wait_up(self) -> App:
         wait_for(lambda: _can_connect(self.port), what=f"app on {self.port}")

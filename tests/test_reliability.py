@@ -30,7 +30,7 @@ import pytest
 from sidecar.registry.base import CheckSpec, Instance
 from sidecar.registry.local import LocalRegistry
 from tests.faultproxy import RawConn, RawResponse
-from tests.helpers import Proc, Sidecar, free_port, http, wait_for
+from tests.helpers import ReportedPortProc, Sidecar, free_port, http, wait_for
 
 SERVICE = "orders"
 BODY_LEN = 2000
@@ -40,11 +40,11 @@ WAIT = 15.0  # generous: a loaded 2-core machine runs these
 # -- the recording app, instances, and the caller ----------------------------------------
 
 
-class UploadApp(Proc):
-    """tests/apps/upload_app.py as a process: it records every request head and end."""
+class UploadApp(ReportedPortProc):
+    """tests/apps/upload_app.py as a process: it records every request head and end. On a
+    port the kernel picks (port 0), which the app reports."""
 
     def __init__(self, record: Path, mode: str, delay: float, name: str, host: str) -> None:
-        self.port = free_port()
         self.host = host
         self.record = record
         self.name = name
@@ -54,7 +54,7 @@ class UploadApp(Proc):
                 "-m",
                 "tests.apps.upload_app",
                 "--port",
-                str(self.port),
+                "0",
                 "--host",
                 host,
                 "--record",
@@ -69,7 +69,7 @@ class UploadApp(Proc):
         )
 
     def wait_up(self) -> UploadApp:
-        wait_for(lambda: "listening" in self.output(), WAIT, what=f"upload app {self.name}")
+        self.wait_listening(WAIT)
         return self
 
     def records(self) -> list[dict]:

@@ -1,6 +1,9 @@
 """A small HTTP app for the tests: echoes requests, streams big bodies, sleeps, fails on demand.
 
 python -m tests.apps.echo_app --port N [--name NAME]
+
+With --port 0 it listens on a port the kernel picks; either way it prints
+"echo_app listening on HOST:PORT" once the port is bound (tests.helpers.App reads it).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import socket
 
 from aiohttp import web
 
@@ -99,7 +103,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="echo")
     args = parser.parse_args()
-    web.run_app(make_app(args.name), host=args.host, port=args.port, print=None, access_log=None)
+    # Bind here, not in run_app, to say which port we got: no free port has to be guessed
+    # before the app starts (another process could take it in between).
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    print(f"echo_app listening on {args.host}:{sock.getsockname()[1]}", flush=True)
+    web.run_app(make_app(args.name), sock=sock, print=None, access_log=None)
 
 
 if __name__ == "__main__":

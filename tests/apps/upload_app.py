@@ -2,6 +2,8 @@
 
     python -m tests.apps.upload_app --port P --record FILE [--mode MODE] [--delay S] [--name NAME]
 
+With --port 0 the kernel picks the port; "upload_app listening on HOST:PORT" says which.
+
 Plain asyncio, so that the framing of every request body and the moment a connection
 breaks are seen exactly. For every request but `/health` and `/_control` it appends JSON
 lines to FILE (flushed at once):
@@ -226,7 +228,7 @@ async def serve(args: argparse.Namespace) -> None:
     server = await asyncio.start_server(
         lambda r, w: handle(r, w, st), args.host, args.port, limit=MAX_HEAD, reuse_address=True, backlog=1024
     )
-    print(f"upload_app listening on {args.host}:{args.port}", flush=True)
+    print(f"upload_app listening on {args.host}:{server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
         await server.serve_forever()
 
