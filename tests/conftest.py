@@ -1,6 +1,6 @@
 import pytest
 
-from tests.helpers import App, Sidecar
+from tests.helpers import App, Sidecar, start_supervised
 
 pytest_plugins = ["tests.consul_fixtures"]
 
@@ -36,5 +36,23 @@ def start_sidecar(procs, registry_path):
         sidecar = Sidecar(app_port, *args, **kwargs)
         procs.append(sidecar)
         return sidecar.wait_ready() if ready else sidecar.wait_started()
+
+    return start
+
+
+@pytest.fixture
+def start_supervised_sidecar(procs, registry_path):
+    """A sidecar that runs `command` as its app (`-- cmd`), ready and with its app listening
+    on the app port; started again on another port if the app finds its port taken."""
+
+    def start(command: list[str], *args: str, **kwargs) -> Sidecar:
+        kwargs.setdefault("registry_path", registry_path)
+
+        def launch(app_port: int) -> Sidecar:
+            sidecar = Sidecar(app_port, *args, command=command, **kwargs)
+            procs.append(sidecar)
+            return sidecar
+
+        return start_supervised([launch])[0]
 
     return start

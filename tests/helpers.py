@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,24 @@ def free_port() -> int:
 
     Not for a port a process is started to bind: by the time it binds, another process may
     have taken it. Start such a process on port 0 and read the port it reports
-    (ReportedPortProc).
+    (ReportedPortProc), or, when the port must be chosen first (an app under a supervising
+    sidecar listens on the sidecar's --app-port), let start_supervised() retry on a new one.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What a process that could not bind its port says: Python's OSError, Ruby's
+# Errno::EADDRINUSE ("Address already in use - bind(2)"), Node's "listen EADDRINUSE".
+ADDRESS_IN_USE_RE = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
+
+
+def listening_re(port: int) -> re.Pattern[str]:
+    """The line a server prints once it has bound `port`: the test apps' "listening on
+    HOST:PORT", Puma's "* Listening on http://HOST:PORT", the Node example's
+    "greeter listening on http://HOST:PORT"."""
+    return re.compile(rf"[Ll]istening on \S*:{port}\b")
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -200,6 +214,7 @@ class Sidecar(Proc):
         if command:
             argv += ["--", *command]
         super().__init__(argv, env=env)
+        self.app_port = app_port
         self.inbound_port = self.outbound_port = self.admin_port = 0
 
     def wait_started(self, timeout: float = 15.0) -> Sidecar:
@@ -245,3 +260,55 @@ class Sidecar(Proc):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
+
+
+class AppPortTaken(Exception):
+    """A supervised app could not bind the app port: another process took it first."""
+
+
+def wait_supervised(sidecar: Sidecar, timeout: float = 30.0) -> Sidecar:
+    """Wait until a sidecar that supervises its app (`command=`) is ready and the app has said
+    it listens on the app port (not just anything answering there: the sidecar's probes
+    would pass on another process's port too). AppPortTaken when the app could not bind it."""
+    listening = listening_re(sidecar.app_port)
+
+    def up() -> bool:
+        out = sidecar.output()
+        if sidecar.popen.poll() is not None:
+            if ADDRESS_IN_USE_RE.search(out) and not listening.search(out):
+                raise AppPortTaken(f"app port {sidecar.app_port} taken (sidecar pid {sidecar.pid})")
+            raise AssertionError(f"sidecar exited {sidecar.popen.returncode}:\n{out}")
+        if not listening.search(out) or not START_RE.search(out):
+            return False
+        sidecar.wait_started(timeout)  # reads the ports from its start line
+        try:
+            return sidecar.ready()[0] == 200
+        except OSError:  # it is stopping: the next round sees it exit
+            return False
+
+    wait_for(up, timeout, what=f"sidecar pid {sidecar.pid} ready with its app on {sidecar.app_port}")
+    return sidecar
+
+
+def start_supervised(
+    launchers: list[Callable[[int], Sidecar]],
+    attempts: int = 5,
+    timeout: float = 30.0,
+    pick: Callable[[], int] = free_port,
+) -> list[Sidecar]:
+    """Start sidecars that supervise their apps, each with an app port from `pick()`, all at
+    once, then wait for each; one whose app found its port taken is started again on a new
+    port (at most `attempts` times in all). A launcher starts a sidecar on the port it is
+    given and hands it to whoever stops it (a test's `procs`): failed attempts included, so
+    that everything is stopped, pass or fail."""
+    sidecars = [launch(pick()) for launch in launchers]
+    for i, launch in enumerate(launchers):
+        for attempt in range(1, attempts + 1):
+            try:
+                wait_supervised(sidecars[i], timeout)
+                break
+            except AppPortTaken:
+                if attempt == attempts:
+                    raise
+                sidecars[i] = launch(pick())
+    return sidecars

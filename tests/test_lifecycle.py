@@ -44,10 +44,9 @@ def test_second_signal_exits_at_once(start_app, start_sidecar):
     assert code == 128 + signal.SIGTERM
 
 
-def test_supervisor_mode_starts_the_app_with_its_environment(procs, start_sidecar):
-    port = free_port()
-    sc = start_sidecar(
-        port, "--name", "sup", command=[sys.executable, "-m", "tests.apps.echo_app", "--name", "sup"]
+def test_supervisor_mode_starts_the_app_with_its_environment(start_supervised_sidecar):
+    sc = start_supervised_sidecar(
+        [sys.executable, "-m", "tests.apps.echo_app", "--name", "sup"], "--name", "sup"
     )
     status = sc.status()
     assert status["app"]["pid"]
@@ -77,7 +76,7 @@ def test_the_same_signal_twice_at_once_is_one_stop_request(start_app, start_side
 
 
 def test_app_exit_code_becomes_the_sidecars(start_sidecar):
-    port = free_port()
+    port = free_port()  # the app only prints PORT: nothing binds it
     sc = start_sidecar(port, ready=False, command=[sys.executable, "-c", ENV_DUMP])
     assert sc.wait(15) == 3
     line = next(line for line in sc.output().splitlines() if line.startswith("ENV "))
@@ -88,7 +87,7 @@ def test_app_exit_code_becomes_the_sidecars(start_sidecar):
 
 
 def test_app_command_not_found_exits_127(start_sidecar):
-    sc = start_sidecar(free_port(), ready=False, command=["/nonexistent/app-binary"])
+    sc = start_sidecar(free_port(), ready=False, command=["/nonexistent/app-binary"])  # no app binds it
     assert sc.wait(15) == 127
     assert "cannot start app '/nonexistent/app-binary'" in sc.output()
     assert "Traceback" not in sc.output()
@@ -106,7 +105,7 @@ def test_admin_shutdown_stops_gracefully(start_app, start_sidecar):
 
 async def test_a_crashing_part_stops_the_process_and_names_the_part(tmp_path, caplog):
     config = build_config(
-        app_port=free_port(),
+        app_port=free_port(),  # no app: it stops before a probe matters
         inbound_host="127.0.0.1",
         inbound_port=0,
         outbound_port=0,

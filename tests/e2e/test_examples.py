@@ -2,8 +2,8 @@
 
 Each app runs under its own sidecar in supervisor mode (`micro-sidecar ... -- cmd`), on
 free loopback ports, once with the local (SQLite) registry and once with the Consul test
-agent. Nothing here talks to an app directly: every request goes through a sidecar, as
-mesh traffic would.
+agent; an app that finds its port taken is started again on another. Nothing here talks
+to an app directly: every request goes through a sidecar, as mesh traffic would.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from sidecar.registry.local import LocalRegistry
-from tests.helpers import ROOT, Sidecar, free_port, http, wait_for
+from tests.helpers import ROOT, Sidecar, http, start_supervised, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -120,12 +120,10 @@ def mesh(procs, registry_path, registry) -> Iterator[Mesh]:
     sidecars: list[Sidecar] = []
     app_pids: list[int] = []
 
-    def start(*names: str) -> None:
-        """Start the named services (all at once), then wait until each is ready."""
-        started = []
-        for name in names:
+    def launcher(name: str) -> Callable[[int], Sidecar]:
+        def launch(app_port: int) -> Sidecar:
             sidecar = Sidecar(
-                free_port(),
+                app_port,
                 "--name",
                 name,
                 *HEALTH_ARGS,
@@ -135,10 +133,16 @@ def mesh(procs, registry_path, registry) -> Iterator[Mesh]:
             )
             procs.append(sidecar)
             sidecars.append(sidecar)
-            started.append(sidecar)
             m.services[name] = sidecar
-        for sidecar in started:
-            sidecar.wait_ready(30)
+            return sidecar
+
+        return launch
+
+    def start(*names: str) -> None:
+        """Start the named services (all at once), then wait until each is ready with its app
+        listening. The app binds the port its sidecar was given (PORT): when another process
+        took that port first, the service is started again on another one."""
+        for sidecar in start_supervised([launcher(name) for name in names], timeout=30):
             app_pids.append(sidecar.status()["app"]["pid"])
 
     m = Mesh(registry=registry, start=start)
