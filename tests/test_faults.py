@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.faultproxy import FaultProxy, RawApp, RawConn
-from tests.helpers import free_port, http, wait_for
+from tests.helpers import http, wait_for
 
 LIMIT_ENV = {
     "MICRO_SIDECAR_HEADER_TIMEOUT": "2",  # seconds for the request head (408 after)
@@ -146,21 +146,22 @@ def test_upstream_reset_get_retried_on_another_instance_post_not(start_sidecar, 
     good_app = raw_app(procs, tmp_path, name="good")
     start_sidecar(good_app.port, "--name", "flaky", "--health-path", "")
     bad_app = raw_app(procs, tmp_path, name="bad")
-    port = free_port()
+    # Its sidecar listens on 127.0.0.2, on a port the kernel picks, and advertises 127.0.0.3,
+    # where the proxy listens on the same port (while the sidecar holds 127.0.0.2:port, no
+    # wildcard bind can take it).
+    bad = start_sidecar(
+        bad_app.port,
+        "--name",
+        "flaky",
+        "--health-path",
+        "",
+        "--inbound-host",
+        "127.0.0.2",
+        "--advertise-address",
+        "127.0.0.3",
+    )
+    port = bad.inbound_port
     with FaultProxy(port, "127.0.0.2", listen=("127.0.0.3", port)) as proxy:
-        start_sidecar(
-            bad_app.port,
-            "--name",
-            "flaky",
-            "--health-path",
-            "",
-            "--inbound-host",
-            "127.0.0.2",
-            "--inbound-port",
-            str(port),
-            "--advertise-address",
-            "127.0.0.3",
-        )
         # round robin, no ejection: every other POST goes to the resetting instance
         caller = start_sidecar(
             raw_app(procs, tmp_path, name="caller").port,

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from tests.helpers import free_port, http, wait_for
+from tests.helpers import http, wait_for
 
 
 def headers_of(body: bytes) -> dict[str, str]:
@@ -155,10 +155,10 @@ def test_no_instance_at_all_is_503_no_healthy_instance(start_app, start_sidecar,
 
 
 def test_app_refusing_connections_gives_502(start_sidecar):
-    port = free_port()
     # A health path that a plain TCP listener "passes": use TCP probe against a socket we hold, then close.
     holder = socket.socket()
-    holder.bind(("127.0.0.1", port))
+    holder.bind(("127.0.0.1", 0))  # not a free_port(): someone could take it before our bind
+    port = holder.getsockname()[1]
     holder.listen(16)
     sc = start_sidecar(port, "--health-path", "", "--unhealthy-threshold", "1000")
     holder.close()
