@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -19,9 +20,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -30,6 +32,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
 BIG = 10 * MiB  # the download and upload size
 SMALL_BODY = b"hello, world\n"
+
+T = TypeVar("T")
 
 
 # --- tools -------------------------------------------------------------------------------
@@ -86,9 +90,35 @@ def raise_fd_limit() -> None:
 
 
 def free_port() -> int:
+    """A loopback port that was free a moment ago. Whatever is started to bind it may find it
+    taken by then: start it through on_free_ports(), which tries again on new ports."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# A process that could not bind its port: nginx's "bind() ... failed (98: Address already in
+# use)", the sidecar's "listener cannot bind HOST:PORT: Address already in use".
+ADDRESS_IN_USE_RE = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
+
+
+class PortTaken(RuntimeError):
+    """A process exited because a port it was told to bind was taken in the meantime."""
+
+
+def on_free_ports(start: Callable[[], T], attempts: int = 5) -> T:
+    """`start()`: pick ports with free_port(), start what binds them, wait until it serves
+    (wait_http). Called again, at most `attempts` times in all, while what it started exits
+    because another process took one of those ports first. A failed attempt's process stays
+    in Harness.procs (exited), so close() still reaps it."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except PortTaken as exc:
+            if attempt == attempts:
+                raise
+            print(f"{str(exc).splitlines()[0]}; again on new ports", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 # --- /proc ---------------------------------------------------------------------------------
@@ -257,7 +287,10 @@ def wait_http(url: str, proc: Proc, timeout: float = 30.0, want: bytes | None = 
     last = ""
     while time.monotonic() < deadline:
         if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log_tail()}")
+            tail = proc.log_tail()
+            if ADDRESS_IN_USE_RE.search(tail):
+                raise PortTaken(f"{proc.name} exited {proc.popen.returncode}: a port it was given was taken")
+            raise RuntimeError(f"{proc.name} exited {proc.popen.returncode}:\n{tail}")
         try:
             status, body = http_get(url)
             if status == 200 and (want is None or body == want):

@@ -14,6 +14,7 @@ Not part of the test command: it feeds the closing note of issue 5.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.faultproxy import RawApp, exchange  # noqa: E402
-from tests.helpers import Proc, Sidecar, free_port, wait_for  # noqa: E402
+from tests.helpers import ADDRESS_IN_USE_RE, Proc, Sidecar, free_port, wait_for  # noqa: E402
 from tests.http.test_corpus import BODY_LIMIT, CASES, RESPONSE_CASES, fill  # noqa: E402
 
 NGINX_CONF = """
@@ -84,21 +85,38 @@ def ensure_nginx() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def start_nginx(binary: str, tmp: Path, app_port: int) -> tuple[Proc, int]:
-    port = free_port()
+def start_nginx(binary: str, tmp: Path, app_port: int, attempts: int = 5) -> tuple[Proc, int]:
+    """nginx on a port from free_port(); on a new one when another process took that port
+    before nginx could bind it (nginx writes its pid file once its listeners are bound)."""
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / sub).mkdir(exist_ok=True)
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, app_port=app_port, port=port, body_limit=BODY_LIMIT))
-    proc = Proc([binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")])
-    try:
-        wait_for(lambda: _connects(port) or proc.popen.poll() is not None, 10, what="nginx")
-    except AssertionError:
-        proc.stop()
-        raise
-    if proc.popen.poll() is not None:
-        raise SystemExit(f"nginx did not start:\n{proc.output()}")
-    return proc, port
+    conf, pid_file = tmp / "nginx.conf", tmp / "nginx.pid"
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        conf.write_text(NGINX_CONF.format(tmp=tmp, app_port=app_port, port=port, body_limit=BODY_LIMIT))
+        pid_file.unlink(missing_ok=True)
+        proc = Proc([binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")])
+        try:
+            wait_for(functools.partial(_nginx_settled, proc, port, pid_file), 10, what="nginx")
+        except AssertionError:
+            proc.stop()
+            raise
+        if ADDRESS_IN_USE_RE.search(proc.output()):
+            proc.stop()  # it would retry the bind for 2.5 s; no need to wait for that
+            if attempt < attempts:
+                continue
+        if proc.popen.poll() is not None:
+            proc.stop()
+            raise SystemExit(f"nginx did not start:\n{proc.output()}")
+        return proc, port
+    raise AssertionError("unreachable")
+
+
+def _nginx_settled(proc: Proc, port: int, pid_file: Path) -> bool:
+    """nginx listens on `port`, or it said it cannot bind it, or it exited."""
+    if pid_file.exists() and _connects(port):
+        return True
+    return proc.popen.poll() is not None or bool(ADDRESS_IN_USE_RE.search(proc.output()))
 
 
 def _connects(port: int) -> bool:

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import BIG, SMALL_BODY, Harness, Proc, free_port, wait_http
+from harness import BIG, SMALL_BODY, Harness, Proc, free_port, on_free_ports, wait_http
 
 UPSTREAM_NAME = "upstream"
 CLIENT_NAME = "client"
@@ -162,12 +162,18 @@ def start_stack(
         f.write(os.urandom(BIG))
     (app_dir / "www" / "upload").write_text("ok\n")
     (app_dir / "www" / "ok").write_text("ok\n")
-    app_port = free_port()
     small = SMALL_BODY.decode().replace("\n", "\\n")
-    app = _start_nginx(
-        harness, "app-nginx", app_dir, _APP_SERVER.format(port=app_port, dir=app_dir, small=small), app_core
-    )
-    wait_http(f"http://127.0.0.1:{app_port}/small", app, want=SMALL_BODY)
+
+    # Each process binds ports chosen before it starts (free_port()): on_free_ports starts it
+    # again on new ones when another process took one in between.
+    def start_app() -> tuple[Proc, int]:
+        port = free_port()
+        server = _APP_SERVER.format(port=port, dir=app_dir, small=small)
+        app = _start_nginx(harness, "app-nginx", app_dir, server, app_core)
+        wait_http(f"http://127.0.0.1:{port}/small", app, want=SMALL_BODY)
+        return app, port
+
+    app, app_port = on_free_ports(start_app)
 
     targets: dict[str, Target] = {}
     sidecars: dict[str, Proc] = {}
@@ -176,56 +182,75 @@ def start_stack(
 
     if "sidecar" in names or "mesh" in names:
         registry = work / "registry.sqlite3"
-        b_ports = _sidecar_ports()
-        b = _start_sidecar(
-            harness, "sidecar-b", UPSTREAM_NAME, app_port, b_ports, registry, proxy_core, access_log
-        )
+
+        def start_b() -> tuple[Proc, tuple[int, int, int]]:
+            ports = _sidecar_ports()
+            b = _start_sidecar(
+                harness, "sidecar-b", UPSTREAM_NAME, app_port, ports, registry, proxy_core, access_log
+            )
+            wait_http(f"http://127.0.0.1:{ports[2]}/ready", b)
+            wait_http(f"http://127.0.0.1:{ports[0]}/small", b, want=SMALL_BODY)
+            return b, ports
+
+        b, b_ports = on_free_ports(start_b)
         sidecars["b"] = b
-        wait_http(f"http://127.0.0.1:{b_ports[2]}/ready", b)
-        wait_http(f"http://127.0.0.1:{b_ports[0]}/small", b, want=SMALL_BODY)
         if "sidecar" in names:
             targets["sidecar"] = Target("sidecar", f"http://127.0.0.1:{b_ports[0]}", b_ports[0], "", [b])
         if "mesh" in names:
-            a_ports = _sidecar_ports()
-            a = _start_sidecar(
-                harness, "sidecar-a", CLIENT_NAME, app_port, a_ports, registry, proxy_core, access_log
-            )
+
+            def start_a() -> tuple[Proc, tuple[int, int, int]]:
+                ports = _sidecar_ports()
+                a = _start_sidecar(
+                    harness, "sidecar-a", CLIENT_NAME, app_port, ports, registry, proxy_core, access_log
+                )
+                wait_http(f"http://127.0.0.1:{ports[2]}/ready", a)
+                wait_http(f"http://127.0.0.1:{ports[1]}/{UPSTREAM_NAME}/small", a, want=SMALL_BODY)
+                return a, ports
+
+            a, a_ports = on_free_ports(start_a)
             sidecars["a"] = a
-            wait_http(f"http://127.0.0.1:{a_ports[2]}/ready", a)
             base = f"http://127.0.0.1:{a_ports[1]}/{UPSTREAM_NAME}"
-            wait_http(f"{base}/small", a, want=SMALL_BODY)
             targets["mesh"] = Target("mesh", base, a_ports[1], f"/{UPSTREAM_NAME}", [a, b])
 
     if "workers" in names:
         # its own registry file: another instance of the same name would join the mesh row
-        w_ports = _sidecar_ports()
-        w = _start_sidecar(
-            harness,
-            "sidecar-workers",
-            UPSTREAM_NAME,
-            app_port,
-            w_ports,
-            work / "registry-workers.sqlite3",
-            workers_cores,
-            access_log,
-            extra=["--workers", str(workers)],
-        )
+        def start_w() -> tuple[Proc, tuple[int, int, int]]:
+            ports = _sidecar_ports()
+            w = _start_sidecar(
+                harness,
+                "sidecar-workers",
+                UPSTREAM_NAME,
+                app_port,
+                ports,
+                work / "registry-workers.sqlite3",
+                workers_cores,
+                access_log,
+                extra=["--workers", str(workers)],
+            )
+            wait_http(f"http://127.0.0.1:{ports[2]}/ready", w)
+            wait_http(f"http://127.0.0.1:{ports[0]}/small", w, want=SMALL_BODY)
+            return w, ports
+
+        w, w_ports = on_free_ports(start_w)
         sidecars["workers"] = w
-        wait_http(f"http://127.0.0.1:{w_ports[2]}/ready", w)
-        wait_http(f"http://127.0.0.1:{w_ports[0]}/small", w, want=SMALL_BODY)
         targets["workers"] = Target("workers", f"http://127.0.0.1:{w_ports[0]}", w_ports[0], "", [w])
 
     if "nginx" in names:
-        port = free_port()
-        proxy = _start_nginx(
-            harness,
-            "proxy-nginx",
-            work / "proxy",
-            _PROXY_SERVER.format(port=port, app_port=app_port),
-            proxy_core,
-            access_log,
-        )
-        wait_http(f"http://127.0.0.1:{port}/small", proxy, want=SMALL_BODY)
+
+        def start_proxy() -> tuple[Proc, int]:
+            port = free_port()
+            proxy = _start_nginx(
+                harness,
+                "proxy-nginx",
+                work / "proxy",
+                _PROXY_SERVER.format(port=port, app_port=app_port),
+                proxy_core,
+                access_log,
+            )
+            wait_http(f"http://127.0.0.1:{port}/small", proxy, want=SMALL_BODY)
+            return proxy, port
+
+        proxy, port = on_free_ports(start_proxy)
         targets["nginx"] = Target("nginx", f"http://127.0.0.1:{port}", port, "", [proxy])
 
     return Stack(app, app_port, {n: targets[n] for n in names if n in targets}, sidecars)
