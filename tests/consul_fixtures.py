@@ -1,4 +1,4 @@
-"""Pytest fixtures around the Consul test agent (tests/consul_agent.py).
+"""Pytest fixtures around the Consul test agent (tests/consul_agent/).
 
 Each fixture runs a fresh agent on an ephemeral loopback port, on its own thread and event loop,
 so plain tests (that block on subprocesses or ``time.sleep``) and async tests can both use it.

@@ -20,8 +20,9 @@ Rules of this package:
     ``check_update_interval``, 5 m by default).
   * Sessions, transactions, prepared queries, config entries, snapshots and ACL administration
     endpoints are not implemented (404). Limited ACL tokens are made with :meth:`add_token`.
-- Its modules use relative imports only: tests/consul_agent.py loads the package by path, under
-  another name, for py-consul's suite (where ``tests`` is py-consul's package).
+- Its modules use relative imports only: tests/pyconsul/pyconsul_agent_plugin.py loads the
+  package by path, under another name, for py-consul's suite (where ``tests`` is py-consul's
+  package).
 
 Modules, one per API area of Consul's documentation, over a shared core:
 

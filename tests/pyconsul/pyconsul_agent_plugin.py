@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-_AGENT_FILE = Path(__file__).resolve().parent.parent / "consul_agent.py"
+_AGENT_PACKAGE = Path(__file__).resolve().parent.parent / "consul_agent"
 
 
 def _load_agent_module() -> Any:
@@ -26,7 +26,9 @@ def _load_agent_module() -> Any:
     name = "micro_sidecar_consul_agent"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _AGENT_FILE)
+    spec = importlib.util.spec_from_file_location(
+        name, _AGENT_PACKAGE / "__init__.py", submodule_search_locations=[str(_AGENT_PACKAGE)]
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
