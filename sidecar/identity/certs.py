@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import time
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     PrivateKeyTypes,
@@ -31,6 +32,13 @@ from .base import Identity, SpiffeId
 
 CA_TTL = 10 * 365 * 86400.0
 BACKDATE = 60.0  # seconds of NotBefore in the past, for peers whose clocks are behind
+# the CA keys `make_leaf` can sign with (an operator's CA need not be P-256)
+ISSUER_KEY_TYPES = (
+    ec.EllipticCurvePrivateKey,
+    rsa.RSAPrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -106,6 +114,11 @@ def leaf_facts(chain_pem: bytes) -> tuple[SpiffeId, float, float, str]:
     )
 
 
+def key_matches(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+    """Whether `key` is the private key of `cert`."""
+    return _public_der(key.public_key()) == _public_der(cert.public_key())
+
+
 def _public_der(key: PublicKeyTypes) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -122,7 +135,7 @@ def identity_from_pem(chain_pem: bytes, key_pem: bytes, roots_pem: bytes, source
     chain = load_certs(chain_pem, "certificate")
     spiffe_id, not_before, not_after, serial = leaf_facts(cert_to_pem(chain[0]))
     key = load_key(key_pem)
-    if _public_der(key.public_key()) != _public_der(chain[0].public_key()):
+    if not key_matches(key, chain[0]):
         raise ValueError(
             f"the private key does not belong to the certificate for {spiffe_id} (serial {serial})"
         )
@@ -239,7 +252,9 @@ def make_leaf(
     """
     now = time.time() if now is None else now
     key = new_key() if key is None else key
-    not_after = min(_utc(now + ttl), ca_cert.not_valid_after_utc)
+    # X.509 times have whole seconds and the builder drops the fraction: round NotAfter up,
+    # or a leaf asked for 2 s could be valid for 1 s and expire before its renewal time.
+    not_after = min(_utc(math.ceil(now + ttl)), ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
