@@ -20,6 +20,9 @@ Rules of this package:
     ``check_update_interval``, 5 m by default).
   * Sessions, transactions, prepared queries, config entries, snapshots and ACL administration
     endpoints are not implemented (404). Limited ACL tokens are made with :meth:`add_token`.
+  * A ``wipe`` makes a new CA and trust domain (a restarted dev agent is a new cluster) and
+    ``leaf_ttl`` re-issues cached leaves at once; the Connect CA configuration endpoints, CA
+    sign and intentions by ID are not implemented.
 - Its modules use relative imports only: tests/pyconsul/pyconsul_agent_plugin.py loads the
   package by path, under another name, for py-consul's suite (where ``tests`` is py-consul's
   package).
@@ -40,6 +43,9 @@ Modules, one per API area of Consul's documentation, over a shared core:
 - ``kv.py``: ``/v1/kv``.
 - ``status.py``: ``/v1/status``.
 - ``acl.py``: making ACL tokens from a policy (:func:`parse_policy`); ``/v1/acl/token/self``.
+- ``connect.py``: the Connect CA with real certificates (``/v1/agent/connect/ca/roots``,
+  ``/v1/connect/ca/roots``, ``/v1/agent/connect/ca/leaf/<service>``), ``/v1/agent/connect/authorize``
+  and intentions by name (``/v1/connect/intentions``, ``/exact``, ``/match``, ``/check``).
 - ``ui.py``: ``/`` and ``/ui/``.
 - ``faults.py``: the fault switches (below).
 - ``control.py``: the control API on its own port.
@@ -53,7 +59,10 @@ open connections (clients get "connection refused"), ``error500`` answers every 
 plain-text 500, ``hang`` accepts requests and never answers them while the fault lasts, ``wipe``
 forgets all state like a restarted dev agent (the index keeps rising), ``reset_index`` moves the
 Raft index back to a low value (like a snapshot restore: blocked queries return at once with the
-lower index), ``none`` (or ``clear``) ends ``refuse``/``error500``/``hang``.
+lower index), ``rotate_root`` makes a new active CA root (the old one stays in ``Roots`` for twice
+the leaf TTL, cached leaves are issued again under the new root and blocked leaf queries return),
+``leaf_ttl=<seconds>`` sets the CA's leaf TTL (cached leaves that would outlive it are issued again
+at once), ``none`` (or ``clear``) ends ``refuse``/``error500``/``hang``.
 
 Run it alone with ``python -m tests.consul_agent --port 8500 [--acl-token T] [--control-port N]``;
 the control port (never affected by faults) takes ``PUT /fault/<mode>``, ``PUT /tokens`` and

@@ -30,6 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--self-alias", action="append", default=[], help="HOST:PORT that checks should treat as this agent"
     )
+    parser.add_argument(
+        "--default-intention-policy",
+        choices=("", "allow", "deny"),
+        default="",
+        help="the agent's default_intention_policy (empty: the ACL default decides)",
+    )
+    parser.add_argument(
+        "--leaf-cert-ttl", type=float, default=72 * 3600.0, help="the CA's leaf TTL in seconds"
+    )
     args = parser.parse_args(argv)
 
     async def run() -> None:
@@ -40,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             node_name=args.node_name,
             enable_script_checks=args.enable_script_checks,
             self_aliases=args.self_alias,
+            default_intention_policy=args.default_intention_policy,
+            leaf_cert_ttl=args.leaf_cert_ttl,
         )
         await agent.start()
         print(f"consul test agent listening on {args.host}:{agent.port}", flush=True)

@@ -1,6 +1,11 @@
 """ACL tokens: making them from a policy (:meth:`ACLAPI.add_token`) and the ACL API's
 ``/v1/acl/token/self``. The rest of the ACL API (policies, roles, token CRUD) is not implemented;
-checking a request's token against its rules is shared by every area and lives in core.py."""
+checking a request's token against its rules is shared by every area and lives in core.py.
+
+Intention permissions are part of service rules in Consul (``service "web" { policy = "write"
+intentions = "read" }``), and a service rule of ``read`` or ``write`` without ``intentions``
+grants ``intentions = "read"`` on the same names: the rules are kept under the resource
+``intention`` (Consul's name for it in a 403), one per service rule."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from aiohttp import web
 from .core import LEVELS, AgentCore, Route, Token
 from .protocol import ConsulError, _json
 
-NAMED_RESOURCES = ("service", "node", "key", "agent", "session", "event", "query")
+NAMED_RESOURCES = ("service", "node", "key", "agent", "session", "event", "query", "intentions")
 UNNAMED_RESOURCES = ("operator", "acl", "keyring", "mesh", "peering")
 
 
@@ -22,8 +27,10 @@ def parse_policy(policy: Any) -> tuple[bool, dict[str, list[tuple[str, bool, str
 
     ``"management"`` allows everything. A dict takes either the short form
     ``{"service_write": ["web"], "service_read": ["*"], "node_read": True, "key_read": ["app/*"]}``
-    (a name ending in ``*`` is a prefix, ``"*"`` or ``True`` means all) or Consul's JSON rule form
-    ``{"service_prefix": {"": {"policy": "read"}}, "key": {"cfg": {"policy": "write"}}, "operator": "read"}``.
+    (a name ending in ``*`` is a prefix, ``"*"`` or ``True`` means all; ``intentions_write: ["db"]``
+    sets the intentions level of service rules) or Consul's JSON rule form
+    ``{"service_prefix": {"": {"policy": "read", "intentions": "write"}}, "key": {"cfg": {"policy":
+    "write"}}, "operator": "read"}``.
     """
     if policy == "management":
         return True, {}
@@ -33,9 +40,14 @@ def parse_policy(policy: Any) -> tuple[bool, dict[str, list[tuple[str, bool, str
         raise ValueError("policy must be 'management' or a dict")
     rules: dict[str, list[tuple[str, bool, str]]] = {}
 
+    explicit_intentions: set[tuple[str, bool]] = set()
+
     def add(resource: str, name: str, prefix: bool, level: str) -> None:
         if level not in LEVELS:
             raise ValueError(f"unknown access level {level!r}")
+        if resource == "intentions":
+            resource = "intention"
+            explicit_intentions.add((name, prefix))
         rules.setdefault(resource, []).append((name, prefix, level))
 
     for key, value in policy.items():
@@ -69,6 +81,13 @@ def parse_policy(policy: Any) -> tuple[bool, dict[str, list[tuple[str, bool, str
             raise ValueError(f"rule {key!r} must map names to {{'policy': level}}")
         for name, spec in value.items():
             add(resource, name, prefix, spec if isinstance(spec, str) else spec.get("policy", "deny"))
+            if resource == "service" and isinstance(spec, dict) and "intentions" in spec:
+                add("intentions", name, prefix, spec["intentions"])
+    # A service rule without its own intentions level grants intentions:read with read or write.
+    for name, prefix, level in rules.get("service", []):
+        if (name, prefix) not in explicit_intentions:
+            implied = "read" if LEVELS[level] >= LEVELS["read"] else "deny"
+            rules.setdefault("intention", []).append((name, prefix, implied))
     return False, rules
 
 

@@ -115,8 +115,18 @@ class AgentAPI(CheckRunners):
                 "BuildDate": "2025-01-01T00:00:00Z",
             },
             "DebugConfig": {
+                "ACLResolverSettings": {
+                    "ACLDefaultPolicy": self.acl_default_policy,
+                    "ACLDownPolicy": "extend-cache",
+                    "ACLsEnabled": self.acl_enabled,
+                    "Datacenter": self.datacenter,
+                    "EnterpriseMeta": {},
+                    "NodeName": self.node_name,
+                },
                 "ACLsEnabled": self.acl_enabled,
+                "ConnectEnabled": True,
                 "Datacenter": self.datacenter,
+                "DefaultIntentionPolicy": self.default_intention_policy,
                 "DevMode": True,
                 "EnableScriptChecks": self.enable_script_checks,
                 "NodeName": self.node_name,

@@ -206,7 +206,10 @@ class AgentCore:
         node_name: str = "consul-test-agent",
         enable_script_checks: bool = False,
         self_aliases: Iterable[str] = (),
+        default_intention_policy: str = "",
     ) -> None:
+        if default_intention_policy not in ("", "allow", "deny"):
+            raise ValueError("default_intention_policy must be '', 'allow' or 'deny'")
         self.host = host
         self.requested_port = port
         self.node_name = node_name
@@ -215,6 +218,8 @@ class AgentCore:
         self.acl_enabled = acl_token is not None
         self.management_token = acl_token
         self.enable_script_checks = enable_script_checks
+        # The agent's default_intention_policy; "" leaves the default to the ACL default policy.
+        self.default_intention_policy = default_intention_policy
         self.self_aliases = {a.lower() for a in self_aliases}
         self.fault = "none"
         self.tokens: dict[str, Token] = {}
@@ -250,6 +255,11 @@ class AgentCore:
     @property
     def index(self) -> int:
         return self._index
+
+    @property
+    def acl_default_policy(self) -> str:
+        """``acl.default_policy``: deny with ACLs on (like a production agent), else allow."""
+        return "deny" if self.acl_enabled else "allow"
 
     async def start(self) -> None:
         server = web.Server(self._dispatch, handler_cancellation=True)
@@ -595,10 +605,7 @@ class AgentCore:
             "X-Consul-LastContact": "0",
             "X-Consul-Effective-Consistency": "leader",
         }
-        if self.acl_enabled:
-            headers["X-Consul-Default-ACL-Policy"] = "deny"
-        else:
-            headers["X-Consul-Default-ACL-Policy"] = "allow"
+        headers["X-Consul-Default-ACL-Policy"] = self.acl_default_policy
         if token and filtered:
             headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return headers

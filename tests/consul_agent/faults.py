@@ -1,27 +1,31 @@
 """Fault switches: what a test does to the agent to see how its clients cope.
 
-``refuse``, ``error500`` and ``hang`` last until ``none``; ``wipe`` and ``reset_index`` happen
-once (see :meth:`FaultSwitches.set_fault` and the package docstring). The API socket that
-``refuse`` closes and the dispatch that ``error500`` and ``hang`` intercept are in core.py.
+``refuse``, ``error500`` and ``hang`` last until ``none``; ``wipe``, ``reset_index``,
+``rotate_root`` and ``leaf_ttl=<seconds>`` happen once (see :meth:`FaultSwitches.set_fault` and
+the package docstring). The API socket that ``refuse`` closes and the dispatch that ``error500``
+and ``hang`` intercept are in core.py; the CA that ``rotate_root`` and ``leaf_ttl`` change is in
+connect.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from .core import AgentCore
+from .connect import ConnectAPI
+from .protocol import parse_duration
 
 FAULTS = ("none", "refuse", "error500", "hang")
-ONE_SHOT_FAULTS = ("wipe", "reset_index")
+ONE_SHOT_FAULTS = ("wipe", "reset_index", "rotate_root", "leaf_ttl=<seconds>")
 RESET_INDEX_BASE = 2
 
 
-class FaultSwitches(AgentCore):
+class FaultSwitches(ConnectAPI):
     """Switching faults on and off, and the one-shot ones."""
 
     async def set_fault(self, mode: str) -> None:
         """Switch a fault on (``refuse``, ``error500``, ``hang``), run one (``wipe``,
-        ``reset_index``) or go back to normal (``none`` / ``clear``)."""
+        ``reset_index``, ``rotate_root``, ``leaf_ttl=<seconds>``) or go back to normal
+        (``none`` / ``clear``)."""
         if mode == "clear":
             mode = "none"
         if mode == "wipe":
@@ -29,6 +33,17 @@ class FaultSwitches(AgentCore):
             return
         if mode == "reset_index":
             self.reset_index()
+            return
+        if mode == "rotate_root":
+            self.rotate_root()
+            return
+        if mode.startswith("leaf_ttl="):
+            value = mode.partition("=")[2]
+            try:
+                seconds = float(value) if value.replace(".", "", 1).isdigit() else parse_duration(value)
+            except ValueError:
+                raise ValueError(f"leaf_ttl wants seconds or a Go duration, got {value!r}") from None
+            self.set_leaf_ttl(seconds)
             return
         if mode not in FAULTS:
             raise ValueError(f"unknown fault {mode!r}; expected one of {FAULTS + ONE_SHOT_FAULTS}")
@@ -43,8 +58,9 @@ class FaultSwitches(AgentCore):
             await self._listener.open()
 
     def wipe(self) -> None:
-        """Forget services, checks, catalog entries and KV, as a restarted dev agent would.
-        Tokens added with :meth:`add_token` stay. The index keeps rising."""
+        """Forget services, checks, catalog entries, KV and intentions, and start a new CA (a new
+        trust domain), as a restarted dev agent would. Tokens added with :meth:`add_token` stay.
+        The index keeps rising."""
         for check in self._checks.values():
             self._stop_runner(check)
         index = self._index
@@ -71,5 +87,6 @@ class FaultSwitches(AgentCore):
             self._service_index[name] = base
         for key in self._tombstones:
             self._tombstones[key] = base
+        self._restamp_connect(base)
         self._epoch += 1
         self._notify()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .acl import ACLAPI
 from .agent import AgentAPI
 from .catalog import CatalogAPI
+from .connect import ConnectAPI
 from .control import ControlAPI
 from .faults import FaultSwitches
 from .health import HealthAPI
@@ -26,6 +27,7 @@ class ConsulTestAgent(
     StatusAPI,
     ControlAPI,
     FaultSwitches,
+    ConnectAPI,
     ACLAPI,
     UIPages,
 ):
