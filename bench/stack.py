@@ -1,10 +1,14 @@
 """The processes under test: the upstream app, two sidecars on one local registry, nginx.
 
-    direct   wrk -> app
-    sidecar  wrk -> sidecar B inbound -> app                                  (one hop)
-    mesh     wrk -> sidecar A outbound (/upstream/...) -> sidecar B inbound -> app
-    workers  wrk -> sidecar W inbound (--workers N, on N cores) -> app       (scaling)
-    nginx    wrk -> nginx keep-alive reverse proxy (1 worker) -> app           (the reference)
+    direct      wrk -> app
+    sidecar     wrk -> sidecar B inbound -> app                               (one hop)
+    mesh        wrk -> sidecar A outbound (/upstream/...) -> sidecar B inbound -> app
+    mesh-mtls   the same two hops, A -> B over mutual TLS (their own registry and mesh CA)
+    workers     wrk -> sidecar W inbound (--workers N, on N cores) -> app    (scaling)
+    nginx       wrk -> nginx keep-alive reverse proxy (1 worker) -> app        (the reference)
+
+Every sidecar but mesh-mtls's runs with `--mtls off`, so those rows measure what they
+measured before mutual TLS existed.
 
 The app is nginx too (1 worker): `return 200` for the small response, a static 10 MiB file
 with sendfile for the download, and a sink that reads a whole upload before it answers.
@@ -19,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import BIG, SMALL_BODY, Harness, Proc, free_port, on_free_ports, wait_http
+from harness import BIG, SMALL_BODY, Harness, Proc, free_port, http_get, on_free_ports, wait_http
 
 UPSTREAM_NAME = "upstream"
 CLIENT_NAME = "client"
@@ -61,6 +65,7 @@ _APP_SERVER = """\
     root {dir}/www;
     client_body_buffer_size 16m;
     location = /small {{ default_type text/plain; return 200 "{small}"; }}
+    location = /caller {{ default_type text/plain; return 200 "$http_x_sidecar_caller\\n"; }}
     location = /health {{ return 200 "ok"; }}
     location = /10m {{ }}
     location = /upload {{ mirror /sink; error_page 405 =200 /ok; }}
@@ -137,11 +142,33 @@ class Target:
 
 
 @dataclass
+class TlsServer:
+    """A port that takes TLS with client certificates, for the handshake measurement.
+
+    `ca_cert` signed the server's certificate; its key (`ca_cert` with the suffix `.key`)
+    signs the client's."""
+
+    label: str
+    port: int
+    procs: list[Proc]
+    ca_cert: Path
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_cert.with_suffix(".key")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+
+@dataclass
 class Stack:
     app: Proc
     app_port: int
     targets: dict[str, Target]
     sidecars: dict[str, Proc]
+    tls: dict[str, TlsServer] = field(default_factory=dict)  # by target: mesh-mtls, nginx-tls
 
 
 def start_stack(
@@ -177,40 +204,40 @@ def start_stack(
 
     targets: dict[str, Target] = {}
     sidecars: dict[str, Proc] = {}
+    tls: dict[str, TlsServer] = {}
     if "direct" in names:
         targets["direct"] = Target("direct", f"http://127.0.0.1:{app_port}", app_port, "")
 
     if "sidecar" in names or "mesh" in names:
-        registry = work / "registry.sqlite3"
-
-        def start_b() -> tuple[Proc, tuple[int, int, int]]:
-            ports = _sidecar_ports()
-            b = _start_sidecar(
-                harness, "sidecar-b", UPSTREAM_NAME, app_port, ports, registry, proxy_core, access_log
-            )
-            wait_http(f"http://127.0.0.1:{ports[2]}/ready", b)
-            wait_http(f"http://127.0.0.1:{ports[0]}/small", b, want=SMALL_BODY)
-            return b, ports
-
-        b, b_ports = on_free_ports(start_b)
+        b, b_ports = _start_b(
+            harness, "sidecar-b", app_port, work / "registry.sqlite3", proxy_core, access_log
+        )
         sidecars["b"] = b
         if "sidecar" in names:
             targets["sidecar"] = Target("sidecar", f"http://127.0.0.1:{b_ports[0]}", b_ports[0], "", [b])
         if "mesh" in names:
-
-            def start_a() -> tuple[Proc, tuple[int, int, int]]:
-                ports = _sidecar_ports()
-                a = _start_sidecar(
-                    harness, "sidecar-a", CLIENT_NAME, app_port, ports, registry, proxy_core, access_log
-                )
-                wait_http(f"http://127.0.0.1:{ports[2]}/ready", a)
-                wait_http(f"http://127.0.0.1:{ports[1]}/{UPSTREAM_NAME}/small", a, want=SMALL_BODY)
-                return a, ports
-
-            a, a_ports = on_free_ports(start_a)
+            a, a_ports = _start_a(
+                harness, "sidecar-a", app_port, work / "registry.sqlite3", proxy_core, access_log
+            )
             sidecars["a"] = a
-            base = f"http://127.0.0.1:{a_ports[1]}/{UPSTREAM_NAME}"
-            targets["mesh"] = Target("mesh", base, a_ports[1], f"/{UPSTREAM_NAME}", [a, b])
+            targets["mesh"] = _mesh_target("mesh", a_ports, [a, b], caller="")
+
+    if "mesh-mtls" in names:
+        # Its own registry, so that neither pair sees the other's B; the sidecars make the
+        # mesh CA beside it (mesh-ca.pem, mesh-ca.key), where the handshake client gets a leaf.
+        mtls_dir = work / "mesh-mtls"
+        mtls_dir.mkdir(mode=0o700)
+        registry = mtls_dir / "registry.sqlite3"
+        mb, mb_ports = _start_b(
+            harness, "sidecar-b-mtls", app_port, registry, proxy_core, access_log, "permissive"
+        )
+        ma, ma_ports = _start_a(
+            harness, "sidecar-a-mtls", app_port, registry, proxy_core, access_log, "permissive"
+        )
+        sidecars["b-mtls"], sidecars["a-mtls"] = mb, ma
+        # B tells the app who called: A's verified identity proves that A dialled B over mTLS.
+        targets["mesh-mtls"] = _mesh_target("mesh-mtls", ma_ports, [ma, mb], caller=CLIENT_NAME)
+        tls["mesh-mtls"] = TlsServer("sidecar B inbound", mb_ports[0], [mb], mtls_dir / "mesh-ca.pem")
 
     if "workers" in names:
         # its own registry file: another instance of the same name would join the mesh row
@@ -225,6 +252,7 @@ def start_stack(
                 work / "registry-workers.sqlite3",
                 workers_cores,
                 access_log,
+                "off",
                 extra=["--workers", str(workers)],
             )
             wait_http(f"http://127.0.0.1:{ports[2]}/ready", w)
@@ -253,11 +281,64 @@ def start_stack(
         proxy, port = on_free_ports(start_proxy)
         targets["nginx"] = Target("nginx", f"http://127.0.0.1:{port}", port, "", [proxy])
 
-    return Stack(app, app_port, {n: targets[n] for n in names if n in targets}, sidecars)
+    return Stack(app, app_port, {n: targets[n] for n in names if n in targets}, sidecars, tls)
 
 
 def _sidecar_ports() -> tuple[int, int, int]:
     return free_port(), free_port(), free_port()
+
+
+def _start_b(
+    harness: Harness,
+    label: str,
+    app_port: int,
+    registry: Path,
+    core: int,
+    access_log: bool,
+    mtls: str = "off",
+) -> tuple[Proc, tuple[int, int, int]]:
+    """Sidecar B: `upstream` in front of the app; ready once its inbound port serves."""
+
+    def start() -> tuple[Proc, tuple[int, int, int]]:
+        ports = _sidecar_ports()
+        b = _start_sidecar(harness, label, UPSTREAM_NAME, app_port, ports, registry, core, access_log, mtls)
+        wait_http(f"http://127.0.0.1:{ports[2]}/ready", b)
+        wait_http(f"http://127.0.0.1:{ports[0]}/small", b, want=SMALL_BODY)
+        return b, ports
+
+    return on_free_ports(start)
+
+
+def _start_a(
+    harness: Harness,
+    label: str,
+    app_port: int,
+    registry: Path,
+    core: int,
+    access_log: bool,
+    mtls: str = "off",
+) -> tuple[Proc, tuple[int, int, int]]:
+    """Sidecar A: `client`, whose outbound port reaches B by name; ready once it does."""
+
+    def start() -> tuple[Proc, tuple[int, int, int]]:
+        ports = _sidecar_ports()
+        a = _start_sidecar(harness, label, CLIENT_NAME, app_port, ports, registry, core, access_log, mtls)
+        wait_http(f"http://127.0.0.1:{ports[2]}/ready", a)
+        wait_http(f"http://127.0.0.1:{ports[1]}/{UPSTREAM_NAME}/small", a, want=SMALL_BODY)
+        return a, ports
+
+    return on_free_ports(start)
+
+
+def _mesh_target(name: str, a_ports: tuple[int, int, int], procs: list[Proc], caller: str) -> Target:
+    """The two-hop target through A's outbound port, after checking how A reached B: the app
+    echoes X-Sidecar-Caller, which B sets only for a caller it verified over mutual TLS."""
+    base = f"http://127.0.0.1:{a_ports[1]}/{UPSTREAM_NAME}"
+    status, body = http_get(f"{base}/caller")
+    if status != 200 or body != f"{caller}\n".encode():
+        how = f"as {caller!r} over mutual TLS" if caller else "in plaintext"
+        raise RuntimeError(f"{name}: sidecar A did not reach B {how}: HTTP {status} {body[:200]!r}")
+    return Target(name, base, a_ports[1], f"/{UPSTREAM_NAME}", procs)
 
 
 def _start_sidecar(
@@ -269,6 +350,7 @@ def _start_sidecar(
     registry: Path,
     core: int | str,
     access_log: bool,
+    mtls: str,
     extra: list[str] | None = None,
 ) -> Proc:
     inbound, outbound, admin = ports
@@ -298,6 +380,8 @@ def _start_sidecar(
         "0",
         "--access-log",
         "json" if access_log else "off",
+        "--mtls",
+        mtls,
         *(extra or []),
     ]
     return harness.start(label, argv, core=core, second_signal=True)
