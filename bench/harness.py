@@ -302,6 +302,23 @@ def wait_http(url: str, proc: Proc, timeout: float = 30.0, want: bytes | None = 
     raise RuntimeError(f"{proc.name}: {url} not ready after {timeout}s ({last}):\n{proc.log_tail()}")
 
 
+def wait_port(port: int, proc: Proc, timeout: float = 30.0) -> None:
+    """Until `proc` accepts TCP connections on `port` (for a port that speaks only TLS)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            tail = proc.log_tail()
+            if ADDRESS_IN_USE_RE.search(tail):
+                raise PortTaken(f"{proc.name} exited {proc.popen.returncode}: a port it was given was taken")
+            raise RuntimeError(f"{proc.name} exited {proc.popen.returncode}:\n{tail}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{proc.name}: nothing listens on port {port} after {timeout}s:\n{proc.log_tail()}")
+
+
 # --- wrk -----------------------------------------------------------------------------------
 
 

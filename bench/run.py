@@ -50,7 +50,7 @@ from report import (
 )
 from stack import Stack, Target, start_stack
 
-ALL_TARGETS = ["direct", "sidecar", "mesh", "mesh-mtls", "nginx", "workers"]
+ALL_TARGETS = ["direct", "sidecar", "mesh", "mesh-mtls", "nginx", "nginx-2hop", "nginx-tls", "workers"]
 PATHS = {"small": "/small", "download": "/10m", "upload": "/upload"}
 
 

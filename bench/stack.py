@@ -6,6 +6,9 @@
     mesh-mtls   the same two hops, A -> B over mutual TLS (their own registry and mesh CA)
     workers     wrk -> sidecar W inbound (--workers N, on N cores) -> app    (scaling)
     nginx       wrk -> nginx keep-alive reverse proxy (1 worker) -> app        (the reference)
+    nginx-2hop  wrk -> nginx front -> nginx back -> app            (two hops, like mesh)
+    nginx-tls   the same two hops, front -> back over TLS with client certificates from a
+                CA the bench makes                                 (like mesh-mtls)
 
 Every sidecar but mesh-mtls's runs with `--mtls off`, so those rows measure what they
 measured before mutual TLS existed.
@@ -23,7 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import BIG, SMALL_BODY, Harness, Proc, free_port, http_get, on_free_ports, wait_http
+import tls as tlsbench
+from harness import BIG, SMALL_BODY, Harness, Proc, free_port, http_get, on_free_ports, wait_http, wait_port
 
 UPSTREAM_NAME = "upstream"
 CLIENT_NAME = "client"
@@ -65,7 +69,10 @@ _APP_SERVER = """\
     root {dir}/www;
     client_body_buffer_size 16m;
     location = /small {{ default_type text/plain; return 200 "{small}"; }}
-    location = /caller {{ default_type text/plain; return 200 "$http_x_sidecar_caller\\n"; }}
+    location = /caller {{
+      default_type text/plain;
+      return 200 "$http_x_sidecar_caller$http_x_client_verify\\n";
+    }}
     location = /health {{ return 200 "ok"; }}
     location = /10m {{ }}
     location = /upload {{ mirror /sink; error_page 405 =200 /ok; }}
@@ -76,18 +83,19 @@ _APP_SERVER = """\
 
 # The reference: a keep-alive reverse proxy that streams both ways like the sidecar does
 # (no response buffering, no request buffering, 64 KiB reads like the sidecar's chunks)
-# and sets the same kind of forwarding headers.
+# and sets the same kind of forwarding headers. The two-hop rows chain two of these;
+# nginx-tls adds TLS to the back's server and to the front's proxy_pass.
 _PROXY_SERVER = """\
-  upstream app {{
-    server 127.0.0.1:{app_port};
+  upstream next_hop {{
+    server 127.0.0.1:{next_port};
     keepalive 1024;
     keepalive_requests 1000000;
     keepalive_timeout 60s;
   }}
   server {{
-    listen 127.0.0.1:{port} backlog=1024;
-    location / {{
-      proxy_pass http://app;
+    listen 127.0.0.1:{port}{listen_ssl} backlog=1024;
+{server_tls}    location / {{
+      proxy_pass {scheme}://next_hop;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $http_host;
@@ -101,9 +109,50 @@ _PROXY_SERVER = """\
       proxy_buffers 8 64k;
       client_body_buffer_size 64k;
       proxy_max_temp_file_size 0;
-    }}
+{location_tls}    }}
   }}
 """
+
+# nginx-tls's back: TLS 1.2 or 1.3 as the sidecars take it, a client certificate from the
+# bench CA required; X-Client-Verify (the app's /caller echoes it) shows that it was checked,
+# and over which TLS version.
+_SERVER_TLS = """\
+    ssl_certificate {dir}/back.pem;
+    ssl_certificate_key {dir}/back.key;
+    ssl_client_certificate {dir}/ca.pem;
+    ssl_verify_client on;
+    ssl_protocols TLSv1.2 TLSv1.3;
+"""
+_BACK_CALLER = """\
+      proxy_set_header X-Client-Verify "$ssl_client_verify $ssl_protocol";
+"""
+
+# nginx-tls's front: dials the back with its client certificate and checks the back's
+# certificate and name (the sidecar checks the SPIFFE URI instead, which nginx cannot).
+# nginx 1.22 leaves TLS 1.3 out of proxy_ssl_protocols by default: named here.
+_UPSTREAM_TLS = """\
+      proxy_ssl_certificate {dir}/front.pem;
+      proxy_ssl_certificate_key {dir}/front.key;
+      proxy_ssl_trusted_certificate {dir}/ca.pem;
+      proxy_ssl_verify on;
+      proxy_ssl_name {back_name};
+      proxy_ssl_protocols TLSv1.2 TLSv1.3;
+"""
+NGINX_TLS_DOMAIN = "nginx-tls.bench"
+NGINX_BACK_NAME = "back.nginx-tls.bench"
+
+
+def _proxy_server(
+    port: int, next_port: int, *, server_tls: str = "", location_tls: str = "", https: bool = False
+) -> str:
+    return _PROXY_SERVER.format(
+        port=port,
+        next_port=next_port,
+        listen_ssl=" ssl" if server_tls else "",
+        server_tls=server_tls,
+        scheme="https" if https else "http",
+        location_tls=location_tls,
+    )
 
 
 def _nginx_conf(directory: Path, server: str, access_log: bool) -> Path:
@@ -271,7 +320,7 @@ def start_stack(
                 harness,
                 "proxy-nginx",
                 work / "proxy",
-                _PROXY_SERVER.format(port=port, app_port=app_port),
+                _proxy_server(port, app_port),
                 proxy_core,
                 access_log,
             )
@@ -281,7 +330,79 @@ def start_stack(
         proxy, port = on_free_ports(start_proxy)
         targets["nginx"] = Target("nginx", f"http://127.0.0.1:{port}", port, "", [proxy])
 
+    if "nginx-2hop" in names:
+        front, back, port, _ = _start_nginx_pair(
+            harness, work / "nginx-2hop", app_port, proxy_core, access_log
+        )
+        target = Target("nginx-2hop", f"http://127.0.0.1:{port}", port, "", [front, back])
+        targets["nginx-2hop"] = _checked(target, "")
+
+    if "nginx-tls" in names:
+        tls_dir = work / "nginx-tls"
+        ca = tlsbench.make_bench_ca(tls_dir, NGINX_TLS_DOMAIN)
+        tlsbench.mint_leaf(ca, "nginx-front", tls_dir / "front")
+        tlsbench.mint_leaf(ca, "nginx-back", tls_dir / "back", dns_name=NGINX_BACK_NAME)
+        front, back, port, back_port = _start_nginx_pair(
+            harness, tls_dir, app_port, proxy_core, access_log, tls=True
+        )
+        target = Target("nginx-tls", f"http://127.0.0.1:{port}", port, "", [front, back])
+        targets["nginx-tls"] = _checked(target, "SUCCESS TLSv1.3")
+        tls["nginx-tls"] = TlsServer("nginx back", back_port, [back], ca)
+
     return Stack(app, app_port, {n: targets[n] for n in names if n in targets}, sidecars, tls)
+
+
+def _start_nginx_pair(
+    harness: Harness, directory: Path, app_port: int, core: int, access_log: bool, tls: bool = False
+) -> tuple[Proc, Proc, int, int]:
+    """A back nginx in front of the app and a front nginx in front of it (over TLS with
+    client certificates when `tls`): the processes, the front's port and the back's."""
+    prefix = directory.name
+
+    def start_back() -> tuple[Proc, int]:
+        port = free_port()
+        if tls:
+            server = _proxy_server(
+                port, app_port, server_tls=_SERVER_TLS.format(dir=directory), location_tls=_BACK_CALLER
+            )
+        else:
+            server = _proxy_server(port, app_port)
+        back = _start_nginx(harness, f"{prefix}-back", directory / "back", server, core, access_log)
+        if tls:  # it takes only TLS with a client certificate: the front's check below tries that
+            wait_port(port, back)
+        else:
+            wait_http(f"http://127.0.0.1:{port}/small", back, want=SMALL_BODY)
+        return back, port
+
+    back, back_port = on_free_ports(start_back)
+
+    def start_front() -> tuple[Proc, int]:
+        port = free_port()
+        if tls:
+            upstream_tls = _UPSTREAM_TLS.format(dir=directory, back_name=NGINX_BACK_NAME)
+            server = _proxy_server(port, back_port, location_tls=upstream_tls, https=True)
+        else:
+            server = _proxy_server(port, back_port)
+        front = _start_nginx(harness, f"{prefix}-front", directory / "front", server, core, access_log)
+        wait_http(f"http://127.0.0.1:{port}/small", front, want=SMALL_BODY)
+        return front, port
+
+    front, port = on_free_ports(start_front)
+    return front, back, port, back_port
+
+
+def _checked(target: Target, caller: str) -> Target:
+    """`target`, once the app's /caller echo through it is `caller`: proof that the second hop
+    is what the row says. Sidecar B sets X-Sidecar-Caller to the service of a caller it
+    verified over mutual TLS; nginx-tls's back sets X-Client-Verify (SUCCESS and the TLS
+    version); a plaintext second hop sets neither."""
+    status, body = http_get(target.url("/caller"))
+    if status != 200 or body != f"{caller}\n".encode():
+        how = f"with a verified client certificate ({caller})" if caller else "in plaintext"
+        raise RuntimeError(
+            f"{target.name}: the second hop was not reached {how}: HTTP {status} {body[:200]!r}"
+        )
+    return target
 
 
 def _sidecar_ports() -> tuple[int, int, int]:
@@ -331,14 +452,9 @@ def _start_a(
 
 
 def _mesh_target(name: str, a_ports: tuple[int, int, int], procs: list[Proc], caller: str) -> Target:
-    """The two-hop target through A's outbound port, after checking how A reached B: the app
-    echoes X-Sidecar-Caller, which B sets only for a caller it verified over mutual TLS."""
+    """The two-hop target through A's outbound port (B's service name as the path prefix)."""
     base = f"http://127.0.0.1:{a_ports[1]}/{UPSTREAM_NAME}"
-    status, body = http_get(f"{base}/caller")
-    if status != 200 or body != f"{caller}\n".encode():
-        how = f"as {caller!r} over mutual TLS" if caller else "in plaintext"
-        raise RuntimeError(f"{name}: sidecar A did not reach B {how}: HTTP {status} {body[:200]!r}")
-    return Target(name, base, a_ports[1], f"/{UPSTREAM_NAME}", procs)
+    return _checked(Target(name, base, a_ports[1], f"/{UPSTREAM_NAME}", procs), caller)
 
 
 def _start_sidecar(
