@@ -1,4 +1,4 @@
-"""Medians, the tables, and the verdicts against issue 7's targets (pure: no processes)."""
+"""Medians, the tables, and the verdicts against issues 7 and 13's targets (pure: no processes)."""
 
 from __future__ import annotations
 
@@ -222,6 +222,77 @@ def scaling_table(med: dict[str, dict[str, Any]], conns: list[int], workers: int
                 fmt(many.get("proxy_core_pct"), 0),
             ]
         )
+    return table(headers, body)
+
+
+MTLS_CPU_TARGET = 1.25  # issue 13: mesh-mtls / mesh CPU per request at 16 connections
+MTLS_TARGET_CONNS = 16
+
+
+def mtls_ratios(med: dict[str, dict[str, Any]], conns: list[int]) -> list[dict[str, Any]]:
+    """Issue 13's CPU per request of the two-hop rows, one row per connection count: what mTLS
+    costs the mesh (mesh-mtls / mesh, judged at 16 connections), against nginx doing the same
+    two hops over TLS (mesh-mtls / nginx-tls), and, as gauges, what TLS costs nginx
+    (nginx-tls / nginx-2hop) and the plaintext mesh against plaintext nginx (mesh / nginx-2hop)."""
+    out = []
+    for c in conns:
+        mesh, mtls, plain, tls = (
+            med.get(f"small/{t}/{c}", {}).get("cpu_us")
+            for t in ("mesh", "mesh-mtls", "nginx-2hop", "nginx-tls")
+        )
+        ratio = _ratio(mtls, mesh)
+        row: dict[str, Any] = {
+            "conns": c,
+            "mesh_us": mesh,
+            "mesh_mtls_us": mtls,
+            "nginx_2hop_us": plain,
+            "nginx_tls_us": tls,
+            "mesh_mtls_over_mesh": ratio,
+            "mesh_mtls_over_nginx_tls": _ratio(mtls, tls),
+            "nginx_tls_over_nginx_2hop": _ratio(tls, plain),
+            "mesh_over_nginx_2hop": _ratio(mesh, plain),
+            "target": None,
+            "verdict": None,
+        }
+        if c == MTLS_TARGET_CONNS:
+            row["target"] = f"<= {MTLS_CPU_TARGET}x"
+            row["verdict"] = "n/a" if ratio is None else ("PASS" if ratio <= MTLS_CPU_TARGET else "FAIL")
+        out.append(row)
+    return out
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def mtls_table(rows: list[dict[str, Any]]) -> str:
+    headers = [
+        "conns",
+        "mesh",
+        "mesh-mtls",
+        "mtls/mesh",
+        "target",
+        "nginx-2hop",
+        "nginx-tls",
+        "mtls/nginx-tls",
+        "nginx tls/2hop",
+        "mesh/nginx-2hop",
+    ]
+    body = [
+        [
+            str(r["conns"]),
+            fmt(r["mesh_us"]),
+            fmt(r["mesh_mtls_us"]),
+            _x(r["mesh_mtls_over_mesh"]),
+            f"{r['target']} {r['verdict']}" if r["target"] else "",
+            fmt(r["nginx_2hop_us"]),
+            fmt(r["nginx_tls_us"]),
+            _x(r["mesh_mtls_over_nginx_tls"]),
+            _x(r["nginx_tls_over_nginx_2hop"]),
+            _x(r["mesh_over_nginx_2hop"]),
+        ]
+        for r in rows
+    ]
     return table(headers, body)
 
 

@@ -40,6 +40,8 @@ from harness import (
 )
 from report import (
     median_row,
+    mtls_ratios,
+    mtls_table,
     profile_summary,
     profile_text,
     scaling_table,
@@ -343,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print("issue 7 targets (ratio = target / nginx, same run):")
             print(verdict_table(result["verdicts"]))
+            if {"mesh-mtls", "nginx-tls"} & set(names):
+                result["mtls"] = mtls_ratios(med, args.conns)
+                print()
+                print("issue 13: mutual TLS, proxy CPU us/request of the two-hop paths (same run):")
+                print(mtls_table(result["mtls"]))
             if "workers" in names and "sidecar" in names:
                 print()
                 print(
