@@ -12,6 +12,9 @@ Rules of this file:
 - Every HTTP call goes through `ConsulRegistry._request`, the one place where transport
   failures and status codes become `RegistryUnavailable`, `RegistryDenied` or
   `RegistryError`; 404 is handed back to the caller, whose meaning depends on the call.
+- Other Consul-backed parts (the Connect identity, intentions) call the agent's HTTP API
+  through `api_request` / `api_get`: the same client session, the same `_request`, so the
+  same timeouts, error translation and token scrubbing.
 - The ACL token travels only in the `X-Consul-Token` header (py-consul's
   `prepare_headers`). It never appears in a URL, a log line, an exception message,
   `repr()` or `describe()`; text that comes from outside (Consul's error bodies, aiohttp's
@@ -44,7 +47,8 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -143,17 +147,33 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@dataclass(frozen=True, slots=True)
+class AgentAnswer:
+    """One answer of the agent's HTTP API: a 2xx or a 404 (`status`), the JSON body (None when
+    the body is empty or the status is 404), `X-Consul-Index` (0 when absent) and the headers."""
+
+    status: int
+    body: Any
+    index: int
+    headers: Mapping[str, str]
+
+
 class ConsulRegistry(Registry):
     """A `Registry` on a Consul agent: one TTL check per instance, health via blocking queries.
 
-    `timeout` bounds every call except the hold time of a blocking query.
+    `timeout` bounds every call except the hold time of a blocking query. With
+    `connect_native` the instances are registered as Connect-native services
+    (`"Connect": {"Native": true}`), so Consul's own sidecars may dial them over mTLS.
     """
 
     kind = "consul"
 
-    def __init__(self, settings: ConsulSettings, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, settings: ConsulSettings, *, timeout: float = DEFAULT_TIMEOUT, connect_native: bool = False
+    ) -> None:
         self._settings = settings
         self._timeout = timeout
+        self._connect_native = connect_native
         self._ssl_arg = ssl_context(settings)  # fails early on a bad CA or client certificate
         self._client: _AgentClient | None = None
         self._names: dict[str, str] = {}  # instance id -> service name, for ACL messages
@@ -203,6 +223,8 @@ class ConsulRegistry(Registry):
                 "DeregisterCriticalServiceAfter": _go_duration(check.deregister_after),
             },
         }
+        if self._connect_native:
+            payload["Connect"] = {"Native": True}
         needs = f"service:write on {instance.name!r}"
         resp = await self._request(
             op,
@@ -354,6 +376,7 @@ class ConsulRegistry(Registry):
             "addr": s.url,
             "datacenter": s.datacenter,
             "token": "set" if s.token else "unset",
+            "connect_native": self._connect_native,
             "tls": {
                 "enabled": s.tls,
                 "verify": s.verify,
@@ -361,6 +384,72 @@ class ConsulRegistry(Registry):
                 "client_cert": s.client_cert is not None,
             },
         }
+
+    # -- the agent's HTTP API, for other Consul-backed parts --------------------------------
+
+    async def api_request(
+        self,
+        method: str,
+        path: str,
+        params: Sequence[tuple[str, str]] = (),
+        *,
+        body: object = None,
+        index: int = 0,
+        wait: float = 0.0,
+        op: str | None = None,
+        needs: str = "the ACL permission this call takes",
+    ) -> AgentAnswer:
+        """One call to the agent's HTTP API (`path` starts with `/v1/`), answered as JSON.
+
+        With `index` > 0 and `wait` > 0 it is a blocking query, as in `query`. Raises like
+        every call of this backend: RegistryUnavailable (unreachable, timeout, 5xx, 429, a
+        body that is not JSON), RegistryDenied (401/403, with `needs` in the message),
+        RegistryError (other 4xx); a 404 is answered with `status` 404 and no body.
+        """
+        if not path.startswith("/v1/"):
+            raise ValueError(f"not a Consul HTTP API path: {path!r}")
+        if method not in ("GET", "PUT", "POST", "DELETE"):
+            raise ValueError(f"unsupported method {method!r}")
+        op = op or f"calling {method} {path}"
+        query = list(params)
+        dc = self._settings.datacenter
+        if dc and not any(k == "dc" for k, _ in query):
+            query.append(("dc", dc))
+        timeout = self._timeout
+        if index > 0 and wait > 0:
+            query += [("index", str(index)), ("wait", _go_duration(wait))]
+            timeout += wait + wait / 16
+        resp = await self._request(op, method, path, params=query, body=body, timeout=timeout, needs=needs)
+        raw_index = resp.headers.get("X-Consul-Index")
+        new_index = int(raw_index) if raw_index and raw_index.isdigit() else 0
+        if resp.code == 404:
+            return AgentAnswer(404, None, new_index, resp.headers)
+        text = resp.body if isinstance(resp.body, str) else ""
+        data: Any = None
+        if text.strip():
+            try:
+                data = json.loads(text)
+            except ValueError:
+                raise RegistryUnavailable(
+                    f"consul at {self._settings.hostport} answered {op} with something other than JSON"
+                ) from None
+        return AgentAnswer(resp.code, data, new_index, resp.headers)
+
+    async def api_get(
+        self,
+        path: str,
+        params: Sequence[tuple[str, str]] = (),
+        *,
+        index: int = 0,
+        wait: float = 0.0,
+        op: str | None = None,
+        needs: str = "the ACL permission this call takes",
+    ) -> tuple[Any, int]:
+        """(JSON body, X-Consul-Index) of a GET; a 404 is a RegistryError here. See `api_request`."""
+        answer = await self.api_request("GET", path, params, index=index, wait=wait, op=op, needs=needs)
+        if answer.status == 404:
+            raise RegistryError(f"consul at {self._settings.hostport} answered 404 to {op or 'GET ' + path}")
+        return answer.body, answer.index
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -409,10 +498,14 @@ class ConsulRegistry(Registry):
         started = time.monotonic()
         try:
             async with asyncio.timeout(limit):
+                data = "" if body is None else json.dumps(body)
                 if method == "GET":
                     resp = await client.http.get(_raw, path, params=params, headers=headers)
+                elif method == "POST":
+                    resp = await client.http.post(_raw, path, params=params, data=data, headers=headers)
+                elif method == "DELETE":
+                    resp = await client.http.delete(_raw, path, params=params, data=data, headers=headers)
                 else:
-                    data = "" if body is None else json.dumps(body)
                     resp = await client.http.put(_raw, path, params=params, data=data, headers=headers)
         except TimeoutError:
             raise RegistryUnavailable(f"consul at {addr} did not answer {op} within {limit:g}s") from None
