@@ -144,7 +144,7 @@ def test_leaf_blocking_query_returns_when_renewal_is_due(consul_agent_factory):
     # Renewal comes between 60% and 90% of the 2 s the leaf was issued for.
     renewed = leaf(agent, "web", f"?index={first.index}&wait=10s")
     elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 2.5, elapsed
+    assert 1.0 <= elapsed < 4.0, elapsed  # renewal due at 1.2-1.8 s; slack for a loaded machine
     assert renewed.index > first.index and renewed.json()["SerialNumber"] != issued["SerialNumber"]
     # An older index answers at once.
     assert leaf(agent, "web", f"?index={first.index}&wait=10s").index == renewed.index
