@@ -31,6 +31,8 @@ from aiohttp.helpers import EMPTY_BODY_METHODS
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .tls import ClientTLS, PeerRejected, peer_certificate
+
 # methods for which aiohttp's client sent no `Content-Length: 0` without a body
 _NO_LENGTH_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 READ_BUFSIZE = 2**16
@@ -129,8 +131,11 @@ class Pool:
         connect_timeout: float,
         read_timeout: float,
         on_empty: Callable[[Pool], None] | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.key = endpoint  # the owner's name for this pool
+        self.tls = tls
         self._on_empty = on_empty
         self.host, self.port = split_endpoint(endpoint)
         self.loop = asyncio.get_running_loop()
@@ -161,9 +166,10 @@ class Pool:
         idle = self._idle
         if idle:
             now = self.loop.time()
+            tls = self.tls
             while idle:
                 conn, expires = idle.pop()
-                if expires > now and conn.is_connected():
+                if expires > now and conn.is_connected() and (tls is None or _current(conn, tls)):
                     return conn
                 conn.close()
                 self._lost(conn)
@@ -245,13 +251,30 @@ class Pool:
     async def _connect(self, connect_by: float, deadline: float | None) -> ResponseHandler:
         loop = self.loop
         until = connect_by if deadline is None else min(connect_by, deadline)
+        tls = self.tls
         try:
             async with asyncio.timeout_at(until):
-                _transport, conn = await loop.create_connection(
-                    lambda: ResponseHandler(loop), self.host, self.port
-                )
+                if tls is None:
+                    _transport, conn = await loop.create_connection(
+                        lambda: ResponseHandler(loop), self.host, self.port
+                    )
+                else:
+                    _transport, conn = await loop.create_connection(
+                        lambda: ResponseHandler(loop),
+                        self.host,
+                        self.port,
+                        ssl=tls.context(),
+                        server_hostname="",
+                    )
         except TimeoutError:
             raise ConnectTimeout() from None
+        if tls is not None:
+            conn.tls_generation = tls.generation  # type: ignore[attr-defined]
+            try:
+                tls.check_peer(peer_certificate(_transport.get_extra_info("ssl_object")))
+            except PeerRejected:
+                _transport.abort()
+                raise
         sock = _transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -260,7 +283,13 @@ class Pool:
     def put(self, conn: ResponseHandler, reusable: bool, abandon: bool = False) -> None:
         """Give back a connection after an exchange: pooled when `reusable`, else closed;
         `abandon`: the exchange did not finish, so reset the connection instead."""
-        if reusable and not self.closed and not conn.should_close and conn.is_connected():
+        if (
+            reusable
+            and not self.closed
+            and not conn.should_close
+            and conn.is_connected()
+            and (self.tls is None or _current(conn, self.tls))
+        ):
             waiters = self._waiters
             while waiters:
                 waiter = waiters.popleft()
@@ -387,6 +416,12 @@ class Pool:
             conn.read_timeout = self._read_timeout
             conn.start_timeout()  # dropped by aiohttp when the body ends
         return UpstreamResponse(self, conn, writer, code, message.reason, message.headers, payload)
+
+
+def _current(conn: ResponseHandler, tls: ClientTLS) -> bool:
+    """Whether `conn` was made with the current certificate: after a rotation, pooled
+    connections of the old one are closed rather than reused, so they are replaced."""
+    return bool(getattr(conn, "tls_generation", 0) == tls.generation)
 
 
 def _fail(waiter: asyncio.Future[Any], exc: type[BaseException]) -> None:

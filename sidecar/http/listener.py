@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from .server import Handler, Server, ServerLimits
+from .tls import TLS_HANDSHAKE, ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,17 @@ class Acceptor:
     """Listening sockets whose every readiness event accepts up to ACCEPT_BATCH waiting
     connections, each handed to the loop with `connect_accepted_socket`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket], server: Server) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        server: Server,
+        tls: ServerTLS | None = None,
+    ) -> None:
         self._loop = loop
         self.sockets = sockets
         self._server = server
+        self._tls = tls
         self._attaching: set[asyncio.Task[Any]] = set()
         for sock in sockets:
             loop.add_reader(sock.fileno(), self._accept, sock)
@@ -53,7 +61,10 @@ class Acceptor:
                     loop.call_later(0.5, self._resume, sock)
                 return
             conn.setblocking(False)
-            task = loop.create_task(_attach(loop, self._server, conn))
+            if self._tls is None:
+                task = loop.create_task(_attach(loop, self._server, conn))
+            else:
+                task = loop.create_task(_attach_sniffed(loop, self._server, conn, self._tls))
             self._attaching.add(task)
             task.add_done_callback(self._attaching.discard)
 
@@ -74,6 +85,55 @@ async def _attach(loop: asyncio.AbstractEventLoop, server: Server, conn: socket.
     except OSError as exc:
         log.debug("dropped an accepted connection: %s", exc)
         conn.close()
+
+
+async def _attach_sniffed(
+    loop: asyncio.AbstractEventLoop, server: Server, conn: socket.socket, tls: ServerTLS
+) -> None:
+    """TLS and plaintext on one port: peek at the first byte the client sends (a TLS
+    ClientHello starts with 0x16, an HTTP/1.1 request with a letter) before the socket
+    becomes a transport. (Server-side start_tls after the fact loses the ClientHello on
+    uvloop.) A client that sends nothing within the header timeout is closed."""
+    timeout = server.limits.header_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            first = await _peek(loop, conn)
+        if not first:
+            conn.close()
+            return
+        if first[0] != TLS_HANDSHAKE:
+            await loop.connect_accepted_socket(server, conn)
+            return
+        context = tls.server_context()
+        if context is None:  # no valid certificate to answer with: refuse the handshake
+            server.tls_failures += 1
+            conn.close()
+            return
+        await loop.connect_accepted_socket(server, conn, ssl=context, ssl_handshake_timeout=timeout)
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+        server.tls_failures += 1
+        log.debug("dropped an accepted connection before HTTP: %s", exc)
+        conn.close()
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """The first byte waiting on `conn`, left in place; b"" when the client closed."""
+    while True:
+        try:
+            return conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(conn.fileno(), _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(conn.fileno())
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 async def _bind(
@@ -121,8 +181,10 @@ class Listener:
         limits: ServerLimits | None = None,
         sidecar_name: str = "micro-sidecar",
         reuse_port: bool = False,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.name = name
+        self.tls = tls  # set: TLS and plaintext on the same port
         self.reuse_port = reuse_port
         self.host = host
         self.requested_port = port
@@ -161,7 +223,7 @@ class Listener:
                 f"{self.name} listener cannot bind {self.host}:{self.requested_port}: {exc.strerror}",
             ) from exc
         self.server.start()
-        self._acceptor = Acceptor(loop, sockets, self.server)
+        self._acceptor = Acceptor(loop, sockets, self.server, self.tls)
         self.port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -30,6 +30,8 @@ from multidict import CIMultiDictProxy
 if TYPE_CHECKING:
     from aiohttp.streams import StreamReader
 
+    from .tls import PeerCertificate
+
 Headers = list[tuple[str, str]]
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -88,6 +90,7 @@ class Connection(Protocol):
     transport: asyncio.Transport | None
     remote: str
     closing: bool
+    peer: PeerCertificate | None
 
     @property
     def draining(self) -> bool: ...
@@ -112,13 +115,16 @@ class Request:
         "head_sent",
         "headers",
         "method",
+        "peer",
         "raw_path",
         "remote",
         "transport",
         "version",
     )
 
-    scheme = "http"
+    @property
+    def scheme(self) -> str:
+        return "http" if self.peer is None else "https"
 
     def __init__(self, conn: Connection, message: Any, payload: StreamReader) -> None:
         self._conn = conn
@@ -129,6 +135,8 @@ class Request:
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content = payload
         self.remote = conn.remote
+        # the certificate a TLS client presented (None: plaintext); verified by the handshake
+        self.peer = conn.peer
         self.transport = conn.transport
         # the client asked to close (Connection: close, or HTTP/1.0 without keep-alive)
         self.close: bool = bool(message.should_close)

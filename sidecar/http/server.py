@@ -52,6 +52,7 @@ from ..errors import (
 )
 from .headers import only_chunked
 from .messages import Request, Response, reason_phrase
+from .tls import PeerCertificate, peer_certificate
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class ClientConnection(BaseProtocol):
         "_server",
         "_task",
         "closing",
+        "peer",
         "remote",
     )
 
@@ -193,6 +195,7 @@ class ClientConnection(BaseProtocol):
         self._lingering = False
         self.closing = False  # no request after the current one
         self.remote = ""
+        self.peer: PeerCertificate | None = None  # a TLS client's verified certificate
 
     def _make_parser(self) -> HttpRequestParser:
         return HttpRequestParser(
@@ -225,6 +228,9 @@ class ClientConnection(BaseProtocol):
         server.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.peer = peer_certificate(ssl_object)
         self._arm_idle()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -513,6 +519,7 @@ class Server:
         self.sidecar_name = sidecar_name
         self.connections: set[ClientConnection] = set()
         self.refused = 0
+        self.tls_failures = 0  # connections dropped before HTTP: failed TLS handshakes, silence
         self.draining = False  # answers say Connection: close (the sidecar is stopping)
         self._sweep_handle: asyncio.TimerHandle | None = None
 

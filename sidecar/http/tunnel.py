@@ -34,9 +34,16 @@ from collections.abc import AsyncGenerator
 
 from multidict import CIMultiDict
 
-from ..errors import BadRequest, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from ..errors import (
+    BadRequest,
+    PeerIdentityMismatch,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from .headers import REQUEST_ID, connection_listed, strip_hop_by_hop
 from .messages import Headers, Request, Response
+from .tls import ClientTLS, PeerRejected, peer_certificate
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +86,10 @@ async def tunnel(
     connect_timeout: float,
     response_timeout: float,
     idle_timeout: float,
+    tls: ClientTLS | None = None,
 ) -> Response:
-    """Carry the WebSocket handshake `request` to `http://<endpoint><path>`.
+    """Carry the WebSocket handshake `request` to `http(s)://<endpoint><path>` (with `tls`:
+    mutual TLS, and the peer must present `tls.service`'s identity).
 
     `headers` are the forwarded request headers (hop-by-hop already stripped). Failures
     before anything reaches the client raise a SidecarError (502/504); the returned
@@ -88,7 +97,7 @@ async def tunnel(
     Only call it when `is_upgrade(request)` is true.
     """
     head = _request_head(request, endpoint, path, headers)
-    reader, writer = await _connect(endpoint, connect_timeout)
+    reader, writer = await _connect(endpoint, connect_timeout, tls)
     try:
         status, reason, upstream_headers = await _exchange_head(
             reader, writer, head, endpoint, response_timeout
@@ -137,11 +146,23 @@ def _split_endpoint(endpoint: str) -> tuple[str, int]:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-async def _connect(endpoint: str, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(
+    endpoint: str, timeout: float, tls: ClientTLS | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = _split_endpoint(endpoint)
     try:
         async with asyncio.timeout(timeout):
-            return await asyncio.open_connection(host, port, limit=HEAD_LIMIT)
+            if tls is None:
+                return await asyncio.open_connection(host, port, limit=HEAD_LIMIT)
+            reader, writer = await asyncio.open_connection(
+                host, port, limit=HEAD_LIMIT, ssl=tls.context(), server_hostname=""
+            )
+        try:
+            tls.check_peer(peer_certificate(writer.get_extra_info("ssl_object")))
+        except PeerRejected as exc:
+            writer.transport.abort()
+            raise PeerIdentityMismatch(f"{endpoint}: {exc}") from exc
+        return reader, writer
     except TimeoutError as exc:
         raise UpstreamTimeout(f"timed out connecting to {endpoint}") from exc
     except OSError as exc:
