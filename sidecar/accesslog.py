@@ -102,9 +102,11 @@ class AccessLog:
         attempts: int = 1,
         request_id: str | None = None,
         trace_id: str | None = None,
+        caller: str | None = None,
     ) -> None:
         """Log one finished request. `target` is the raw request target (its query is dropped);
-        `duration` is in seconds; `instance` is the endpoint's id (or address) that answered."""
+        `duration` is in seconds; `instance` is the endpoint's id (or address) that answered;
+        `caller` the verified service name of an inbound mutual TLS caller."""
         if self.fmt == "off":
             return
         record = {
@@ -119,6 +121,7 @@ class AccessLog:
             "attempts": attempts,
             "request_id": _cap(request_id),
             "trace_id": _cap(trace_id, 32),
+            "caller": _cap(caller),
         }
         line = json.dumps(record, separators=(",", ":")) if self.fmt == "json" else self._text(record)
         try:
@@ -139,5 +142,5 @@ class AccessLog:
         return (
             f"{r['time']} {s('direction')} {s('method')} {s('path')} {r['status']} {r['duration_ms']}ms "
             f"service={s('service')} instance={s('instance')} attempts={r['attempts']} "
-            f"request_id={s('request_id')} trace_id={s('trace_id')}"
+            f"request_id={s('request_id')} trace_id={s('trace_id')} caller={s('caller')}"
         )

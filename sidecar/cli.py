@@ -280,6 +280,40 @@ CONSUL_FLAGS = (
     show_default=True,
     help="Requests waiting for a pooled connection per endpoint (fast 503 beyond).",
 )
+@click.option(
+    "--mtls",
+    default="permissive",
+    show_default=True,
+    help="Mutual TLS between sidecars: permissive (the inbound port also takes plaintext), "
+    "strict (plaintext callers get 403 mtls_required) or off.",
+)
+@click.option(
+    "--identity",
+    default=None,
+    help="Where this sidecar's certificate comes from: local, consul or files (default: as --registry).",
+)
+@click.option(
+    "--trust-domain",
+    default="micro-sidecar.local",
+    show_default=True,
+    help="SPIFFE trust domain of the local CA.",
+)
+@click.option(
+    "--cert-ttl",
+    type=float,
+    default=86400.0,
+    show_default=True,
+    help="Seconds a local leaf certificate is valid (renewed at 60-90%% of it).",
+)
+@click.option("--tls-cert", default=None, help="PEM leaf certificate (chain) for --identity files.")
+@click.option("--tls-key", default=None, help="PEM private key for --identity files.")
+@click.option("--tls-ca", default=None, help="PEM trusted roots for --identity files.")
+@click.option(
+    "--allow-from",
+    "allow_from",
+    multiple=True,
+    help="A service that may call this one (repeatable; default: any service of the mesh).",
+)
 @click.option("--log-level", default="info", show_default=True, help="debug, info, warning or error.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def cli(**opts: Any) -> None:
@@ -336,6 +370,14 @@ def cli(**opts: Any) -> None:
             upstream_max_connections=opts["upstream_max_connections"],
             upstream_max_pending=opts["upstream_max_pending"],
             log_level=opts["log_level"],
+            mtls=opts["mtls"],
+            identity=opts["identity"],
+            trust_domain=opts["trust_domain"],
+            cert_ttl=opts["cert_ttl"],
+            tls_cert=opts["tls_cert"],
+            tls_key=opts["tls_key"],
+            tls_ca=opts["tls_ca"],
+            allow_from=opts["allow_from"],
             command=opts["command"],
         )
         if config.registry.kind == "consul":

@@ -24,6 +24,11 @@ BALANCER_KINDS: tuple[BalancerKind, ...] = ("p2c", "round_robin")
 AccessLogFormat = Literal["json", "text", "off"]
 ACCESS_LOG_FORMATS: tuple[AccessLogFormat, ...] = ("json", "text", "off")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+MtlsMode = Literal["permissive", "strict", "off"]
+MTLS_MODES: tuple[MtlsMode, ...] = ("permissive", "strict", "off")
+IdentityKind = Literal["local", "consul", "files"]
+IDENTITY_KINDS: tuple[IdentityKind, ...] = ("local", "consul", "files")
+DEFAULT_TRUST_DOMAIN = "micro-sidecar.local"
 
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_OUTBOUND_PORT = 15001
@@ -117,6 +122,20 @@ class TrafficConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """Mutual TLS between sidecars and who may call this one."""
+
+    mtls: MtlsMode
+    identity: IdentityKind
+    trust_domain: str
+    cert_ttl: float
+    tls_cert: Path | None  # --identity files
+    tls_key: Path | None
+    tls_ca: Path | None
+    allow_from: tuple[str, ...]  # empty: any caller of this mesh
+
+
+@dataclass(frozen=True, slots=True)
 class LifecycleConfig:
     drain_delay: float
     grace_period: float
@@ -133,6 +152,16 @@ class Config:
     limits: LimitsConfig
     log_level: LogLevel
     command: tuple[str, ...] = ()
+    security: SecurityConfig = SecurityConfig(
+        mtls="off",
+        identity="local",
+        trust_domain=DEFAULT_TRUST_DOMAIN,
+        cert_ttl=86400.0,
+        tls_cert=None,
+        tls_key=None,
+        tls_ca=None,
+        allow_from=(),
+    )
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able summary for /status, without secrets."""
@@ -152,6 +181,9 @@ class Config:
             "retries": self.traffic.retries,
             "access_log": self.traffic.access_log,
             "supervising": list(self.command[:1]),
+            "mtls": self.security.mtls,
+            "identity": self.security.identity if self.security.mtls != "off" else None,
+            "allow_from": list(self.security.allow_from),
         }
 
 
@@ -283,6 +315,14 @@ def build_config(
     upstream_max_connections: int = 256,
     upstream_max_pending: int = 1024,
     log_level: str = "info",
+    mtls: str = "permissive",
+    identity: str | None = None,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    cert_ttl: float = 86400.0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+    allow_from: Sequence[str] = (),
     command: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> Config:
@@ -351,6 +391,10 @@ def build_config(
         raise ConfigError("--upstream-max-pending", "must be >= 0")
     if log_level.lower() not in LOG_LEVELS:
         raise ConfigError("--log-level", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+    security = _security(
+        mtls, identity or registry, registry, trust_domain, cert_ttl, tls_cert, tls_key, tls_ca, allow_from
+    )
 
     if name is None or name == "":
         name = default_name(app_port, command)
@@ -438,4 +482,53 @@ def build_config(
         ),
         log_level=log_level.lower(),  # type: ignore[arg-type]
         command=tuple(command),
+        security=security,
+    )
+
+
+def _security(
+    mtls: str,
+    identity: str,
+    registry: str,
+    trust_domain: str,
+    cert_ttl: float,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    allow_from: Sequence[str],
+) -> SecurityConfig:
+    if mtls not in MTLS_MODES:
+        raise ConfigError("--mtls", f"{mtls!r} is not one of {', '.join(MTLS_MODES)}")
+    if identity not in IDENTITY_KINDS:
+        raise ConfigError("--identity", f"{identity!r} is not one of {', '.join(IDENTITY_KINDS)}")
+    if identity == "consul" and registry != "consul":
+        raise ConfigError("--identity", "consul needs --registry consul (the agent issues the certificates)")
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", trust_domain):
+        raise ConfigError("--trust-domain", f"{trust_domain!r} must be a lower-case DNS-like name")
+    _positive("--cert-ttl", cert_ttl)
+    if cert_ttl < 2:
+        raise ConfigError("--cert-ttl", f"{cert_ttl} is too short (at least 2 seconds)")
+    files = {"--tls-cert": tls_cert, "--tls-key": tls_key, "--tls-ca": tls_ca}
+    if identity == "files":
+        for flag, value in files.items():
+            if not value:
+                raise ConfigError(flag, "is required with --identity files")
+    else:
+        for flag, value in files.items():
+            if value:
+                raise ConfigError(flag, "is only used with --identity files")
+    for caller in allow_from:
+        if not _NAME_RE.match(caller):
+            raise ConfigError("--allow-from", f"{caller!r} is not a service name")
+    if allow_from and mtls == "off":
+        raise ConfigError("--allow-from", "needs mutual TLS (--mtls permissive or strict)")
+    return SecurityConfig(
+        mtls=mtls,
+        identity=identity,
+        trust_domain=trust_domain,
+        cert_ttl=float(cert_ttl),
+        tls_cert=Path(tls_cert) if tls_cert else None,
+        tls_key=Path(tls_key) if tls_key else None,
+        tls_ca=Path(tls_ca) if tls_ca else None,
+        allow_from=tuple(dict.fromkeys(allow_from)),
     )

@@ -138,6 +138,42 @@ class ExpectationFailed(SidecarError):
     close_connection = True
 
 
+class PeerIdentityMismatch(SidecarError):
+    """The instance we dialled presented another service's certificate (or none that
+    names a service): nothing was sent to it."""
+
+    status = 502
+    code = "peer_identity_mismatch"
+
+
+class PeerWithoutMtls(SidecarError):
+    """--mtls strict, and the only instances left do not speak mutual TLS."""
+
+    status = 502
+    code = "peer_without_mtls"
+
+
+class MtlsRequired(SidecarError):
+    """--mtls strict: a plaintext request on the inbound port; nothing reached the app."""
+
+    status = 403
+    code = "mtls_required"
+
+
+class PermissionDenied(SidecarError):
+    """The caller's verified identity may not call this service."""
+
+    status = 403
+    code = "permission_denied"
+
+
+class IdentityUnavailableError(SidecarError):
+    """No valid certificate: the sidecar cannot make or take mutual TLS calls now."""
+
+    status = 503
+    code = "identity_unavailable"
+
+
 class RegistryUnavailableError(SidecarError):
     status = 503
     code = "registry_unavailable"

@@ -31,6 +31,7 @@ from .errors import (
     ClientClosed,
     ExpectationFailed,
     PayloadTooLarge,
+    PeerIdentityMismatch,
     RequestTimeout,
     SidecarError,
     UpstreamConnectError,
@@ -49,6 +50,7 @@ from .http.client import (
 )
 from .http.headers import REQUEST_ID, only_chunked, request_headers, response_headers
 from .http.messages import Request, Response
+from .http.tls import ClientTLS, PeerRejected
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +117,30 @@ class Forwarder:
                 pool.close()
             self._pools = None
 
-    def _pool(self, endpoint: str) -> Pool:
+    def _pool(self, endpoint: str, tls: ClientTLS | None) -> Pool:
         pools = self._pools
         assert pools is not None, "Forwarder.start() was not awaited"
-        pool = pools.get(endpoint)
+        # one pool per endpoint and way of talking to it (plaintext, or TLS to a service)
+        key = endpoint if tls is None else f"{endpoint} {tls.service}"
+        pool = pools.get(key)
         if pool is None:
-            pool = pools[endpoint] = Pool(
+            pool = pools[key] = Pool(
                 endpoint,
                 max_connections=self._max_connections,
                 keepalive_timeout=self._keepalive_timeout,
                 connect_timeout=self._connect_timeout,
                 read_timeout=self._request_timeout,
                 on_empty=self._drop_pool,
+                tls=tls,
             )
+            pool.key = key
         return pool
 
     def _drop_pool(self, pool: Pool) -> None:
         """An endpoint's pool holds nothing any more: forget it, so that instances that come
         and go do not grow the dict for the life of the process."""
-        if self._pools is not None and self._pools.get(pool.endpoint) is pool:
-            del self._pools[pool.endpoint]
+        if self._pools is not None and self._pools.get(pool.key) is pool:
+            del self._pools[pool.key]
 
     async def forward(
         self,
@@ -145,8 +151,9 @@ class Forwarder:
         host: str | None = None,
         extra_headers: Iterable[tuple[str, str]] = (),
         timeout: float | None = None,
+        tls: ClientTLS | None = None,
     ) -> Response:
-        """One attempt: send `request` to `http://<endpoint><path>`, stream the answer back."""
+        """One attempt: send `request` to `http(s)://<endpoint><path>`, stream the answer back."""
         headers, request_id = request_headers(request, host)
         for key, value in extra_headers:
             headers[key] = value
@@ -155,7 +162,7 @@ class Forwarder:
         # (idempotency, budget, other instances), so a request reaches the app at most once
         # per attempt.
         try:
-            upstream = await self.open(request.method, endpoint, path, headers, body, timeout)
+            upstream = await self.open(request.method, endpoint, path, headers, body, timeout, tls)
         except ForwardError as err:
             raise err.error from err
         return await self.relay(request, upstream, request_id, body)
@@ -186,13 +193,15 @@ class Forwarder:
         headers: CIMultiDict[str],
         body: AsyncIterable[bytes] | None,
         timeout: float | None = None,
+        tls: ClientTLS | None = None,
     ) -> UpstreamResponse:
         """Send the request and wait for the response's headers. Raises ForwardError.
 
         `timeout` bounds the wait for the response headers (the per-try timeout); the
-        body then streams with the idle read timeout of the pool.
+        body then streams with the idle read timeout of the pool. With `tls`, the
+        connection is mutual TLS and the peer must present `tls.service`'s identity.
         """
-        pool = self._pool(endpoint)
+        pool = self._pool(endpoint, tls)
         in_flight = self._in_flight.get(endpoint, 0)
         if in_flight >= self._max_in_flight:
             raise ForwardError(
@@ -218,6 +227,9 @@ class Forwarder:
             except ConnectTimeout as exc:
                 timed_out = UpstreamTimeout(f"timed out connecting to {endpoint}")
                 raise ForwardError("connect_failure", timed_out) from exc
+            except PeerRejected as exc:
+                mismatch = PeerIdentityMismatch(f"{endpoint}: {exc}")
+                raise ForwardError("connect_failure", mismatch) from exc
             except OSError as exc:
                 refused = UpstreamConnectError(f"cannot connect to {endpoint}: {_reason(exc)}")
                 raise ForwardError("connect_failure", refused) from exc

@@ -1,4 +1,13 @@
-"""The inbound listener: mesh -> sidecar -> app, gated by the app's health.
+"""The inbound listener: mesh -> sidecar -> app, gated by the caller's identity and the
+app's health.
+
+With mutual TLS on (`--mtls permissive|strict`), the port takes TLS and plaintext alike
+(see sidecar.http.listener). A TLS caller is named by its certificate's SPIFFE ID, which
+the authorizer (--allow-from, or Consul intentions) judges before the app sees anything:
+403 permission_denied. A plaintext caller is let in only in permissive mode (strict: 403
+mtls_required). The app learns a verified caller from `X-Sidecar-Caller: <service>` and
+`X-Forwarded-Client-Cert` (Envoy's `By=<our URI>;Hash=<sha256 of the caller's
+certificate>;URI=<caller URI>`); whatever a caller sent under those names is dropped.
 
 While the app fails its health checks, requests get 503 app_unhealthy, except those that a
 caller's sidecar marked `X-Sidecar-Panic: 1` (`PANIC_HEADER`) while the app still answers
@@ -15,17 +24,24 @@ import asyncio
 import time
 
 from . import tracing
+from .config import MtlsMode
 from .deadline import TIMEOUT_HEADER
 from .deadline import from_headers as deadline_from
 from .discovery import PANIC_HEADER
-from .errors import AppUnhealthy, ClientClosed, SidecarError, error_response
+from .errors import AppUnhealthy, ClientClosed, MtlsRequired, PermissionDenied, SidecarError, error_response
 from .forward import Forwarder
 from .health import HealthChecker
 from .http.headers import REQUEST_ID, request_headers
 from .http.messages import Request, Response
 from .http.tunnel import is_upgrade, tunnel
+from .identity.base import Authorizer, SpiffeId
+from .identity.keeper import IdentityKeeper
+from .identity.tls import peer_identity
 from .observe import Observer
 from .registry.base import join_host_port
+
+# The caller's verified service name, for the app (absent for plaintext callers).
+CALLER_HEADER = "X-Sidecar-Caller"
 
 
 class Inbound:
@@ -40,7 +56,14 @@ class Inbound:
         request_timeout: float,
         connect_timeout: float = 2.0,
         tunnel_idle_timeout: float = 300.0,
+        mtls: MtlsMode = "off",
+        keeper: IdentityKeeper | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
+        self.mtls = mtls
+        self.keeper = keeper
+        self.authorizer = authorizer
+        self.denied = 0
         self.connect_timeout = connect_timeout
         self.tunnel_idle_timeout = tunnel_idle_timeout
         self.name = name
@@ -65,8 +88,11 @@ class Inbound:
         started = time.monotonic()
         trace = tracing.from_headers(request.headers)
         deadline = deadline_from(request.headers, self.request_timeout, started)
+        caller = peer_identity(request.peer) if request.peer is not None else None
         with self._in_flight:
             try:
+                if self.mtls != "off":
+                    self._admit(request, caller)
                 state = self.health.state
                 if not state.healthy:
                     if not (state.answering and request.headers.get(PANIC_HEADER) == "1"):
@@ -75,6 +101,8 @@ class Inbound:
                 path = request.path_qs  # an absolute-form target: only its path and query
                 # The app learns its remaining budget; the sidecar-to-sidecar header stays here.
                 extra = [*trace.headers().items(), (TIMEOUT_HEADER, deadline.header_value(started))]
+                if caller is not None:
+                    extra += self._caller_headers(request, caller)
                 if is_upgrade(request):
                     headers, request_id = request_headers(request, None)
                     headers.update(extra)
@@ -101,13 +129,56 @@ class Inbound:
             except asyncio.CancelledError:
                 # the caller left: the listener cancelled the request, and the app's
                 # connection was reset under it
-                self._finished(request, ClientClosed.status, started, trace, None)
+                self._finished(request, ClientClosed.status, started, trace, None, caller)
                 raise
-        self._finished(request, response.status, started, trace, response.request_id)
+        self._finished(request, response.status, started, trace, response.request_id, caller)
         return response
 
+    def _admit(self, request: Request, caller: SpiffeId | None) -> None:
+        """Let the verified `caller` (or a plaintext caller, in permissive mode) in, or
+        refuse: nothing of a refused request reaches the app."""
+        peer = request.peer
+        if peer is None:
+            if self.mtls == "strict":
+                self._deny(MtlsRequired.code)
+                raise MtlsRequired(
+                    f"service {self.name!r} takes only mutual TLS calls (--mtls strict): "
+                    "call it through your own sidecar"
+                )
+            return
+        if caller is None:
+            self._deny(PermissionDenied.code)
+            raise PermissionDenied("the caller's certificate names no service (one SPIFFE URI SAN expected)")
+        if self.authorizer is not None:
+            decision = self.authorizer.decide(caller)
+            if not decision.allowed:
+                self._deny(PermissionDenied.code)
+                raise PermissionDenied(f"caller {caller.uri} may not call {self.name!r}: {decision.reason}")
+
+    def _deny(self, code: str) -> None:
+        self.denied += 1
+        self.metrics.inc_denied(code)
+
+    def _caller_headers(self, request: Request, caller: SpiffeId) -> list[tuple[str, str]]:
+        """Who called, for the app: the service name, and Envoy's X-Forwarded-Client-Cert.
+        (Both are dropped from what the caller sent, with every X-Sidecar- and
+        X-Forwarded- header.)"""
+        own = self.keeper.spiffe_id if self.keeper is not None else None
+        digest = request.peer.sha256 if request.peer is not None else ""
+        by = f"By={own.uri};" if own is not None else ""
+        return [
+            (CALLER_HEADER, caller.service),
+            ("X-Forwarded-Client-Cert", f"{by}Hash={digest};URI={caller.uri}"),
+        ]
+
     def _finished(
-        self, request: Request, status: int, started: float, trace: tracing.TraceContext, rid: str | None
+        self,
+        request: Request,
+        status: int,
+        started: float,
+        trace: tracing.TraceContext,
+        rid: str | None,
+        caller: SpiffeId | None,
     ) -> None:
         self.observer.finished(
             "inbound",
@@ -118,4 +189,5 @@ class Inbound:
             service=self.name,
             instance=self.app_endpoint,
             request_id=rid or request.headers.get(REQUEST_ID),
+            caller=caller.service if caller is not None else None,
         )

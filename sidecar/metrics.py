@@ -187,6 +187,20 @@ class Metrics:
         self.app_healthy = Gauge(
             "sidecar_app_healthy", "1 when the app passes its health checks.", registry=r
         )
+        self.denied = Counter(
+            "sidecar_inbound_denied",
+            "Inbound requests refused before the app: permission_denied or mtls_required.",
+            ["code"],
+            registry=r,
+        )
+        self.identity_expiry = Gauge(
+            "sidecar_identity_expiry_seconds",
+            "Seconds until this sidecar's certificate expires (negative: expired).",
+            registry=r,
+        )
+        self.identity_rotations = Gauge(
+            "sidecar_identity_rotations", "Certificates swapped in since start.", registry=r
+        )
         if process:
             ProcessCollector(registry=r)
 
@@ -238,7 +252,15 @@ class Metrics:
     def inc_ejection(self, service: str) -> None:
         self.ejections.labels(self.service_label(service)).inc()
 
+    def inc_denied(self, code: str) -> None:
+        self.denied.labels(code).inc()
+
     # -- state ---------------------------------------------------------------------------
+
+    def set_identity(self, seconds_to_expiry: float | None, rotations: int) -> None:
+        if seconds_to_expiry is not None:
+            self.identity_expiry.set(seconds_to_expiry)
+        self.identity_rotations.set(rotations)
 
     def set_endpoints(self, service: str, healthy: int, ejected: int = 0) -> None:
         label = self.service_label(service)

@@ -33,6 +33,7 @@ class Observer:
         instance: str | None,
         request_id: str | None,
         attempts: int = 1,
+        caller: str | None = None,
     ) -> None:
         """Record one request that `started` (monotonic seconds) and ended now with `status`."""
         duration = time.monotonic() - started
@@ -49,6 +50,7 @@ class Observer:
                 attempts=attempts,
                 request_id=request_id,
                 trace_id=trace.trace_id,
+                caller=caller,
             )
         if self.exporter is not None:
             end_ns = time.time_ns()

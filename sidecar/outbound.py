@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 
 from . import tracing
 from .balancer import Balancer, Outcome
+from .config import MtlsMode
 from .deadline import Deadline
 from .deadline import from_headers as deadline_from
 from .discovery import PANIC_HEADER, Discovery
@@ -25,7 +26,9 @@ from .errors import (
     ERROR_HEADER,
     BadRequest,
     ClientClosed,
+    IdentityUnavailableError,
     MisdirectedRequest,
+    PeerWithoutMtls,
     SidecarError,
     UnknownService,
     UpstreamTimeout,
@@ -34,9 +37,11 @@ from .errors import (
 from .forward import Forwarder, ForwardError
 from .http.headers import REQUEST_ID, request_headers
 from .http.messages import Request, Response
+from .http.tls import ClientTLS
 from .http.tunnel import is_upgrade, tunnel
+from .identity.keeper import IdentityKeeper
 from .observe import Observer
-from .registry.base import Instance
+from .registry.base import MTLS_META, Instance
 from .retry import (
     NEVER_SENT,
     FailureKind,
@@ -137,9 +142,13 @@ class Outbound:
         observer: Observer,
         connect_timeout: float = 2.0,
         tunnel_idle_timeout: float = 300.0,
+        mtls: MtlsMode = "off",
+        keeper: IdentityKeeper | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.tunnel_idle_timeout = tunnel_idle_timeout
+        self.mtls = mtls
+        self.keeper = keeper
         self.name = name
         self.discovery = discovery
         self.forwarder = forwarder
@@ -256,6 +265,7 @@ class Outbound:
                         headers,
                         body.body() if body else None,
                         timeout,
+                        self._tls_for(lease.instance),
                     )
                 except ForwardError as err:
                     broken = limited.broken() if limited is not None else None
@@ -325,6 +335,11 @@ class Outbound:
         headers.update(deadline.outgoing_headers(now))
         outcome: Outcome = "cancelled"
         try:
+            tls = self._tls_for(lease.instance)
+        except (ForwardError, SidecarError) as err:  # not the instance's doing
+            self.balancer.release(lease, outcome)
+            raise err.error if isinstance(err, ForwardError) else err from None
+        try:
             response = await tunnel(
                 request,
                 lease.instance.endpoint,
@@ -334,6 +349,7 @@ class Outbound:
                 connect_timeout=self.connect_timeout,
                 response_timeout=deadline.try_timeout(self.policy.per_try_timeout, now),
                 idle_timeout=self.tunnel_idle_timeout,
+                tls=tls,
             )
             outcome = response.status
             return response
@@ -345,6 +361,22 @@ class Outbound:
             raise
         finally:
             self.balancer.release(lease, outcome)
+
+    def _tls_for(self, instance: Instance) -> ClientTLS | None:
+        """How to reach `instance`: mutual TLS when it says it speaks it (its registration's
+        `mtls` meta) and we do; plaintext to a sidecar that does not yet (an upgrade in
+        progress), except in strict mode, where that instance is skipped as never sent."""
+        if self.mtls == "off":
+            return None
+        if instance.meta.get(MTLS_META, "off") == "off":
+            if self.mtls == "strict":
+                refused = PeerWithoutMtls(f"{instance.endpoint} does not speak mutual TLS (--mtls strict)")
+                raise ForwardError("unsent", refused)
+            return None
+        tls = self.keeper.client(instance.name) if self.keeper is not None else None
+        if tls is None:
+            raise IdentityUnavailableError("this sidecar has no valid certificate for mutual TLS now")
+        return tls
 
     def _may_retry(
         self,

@@ -41,6 +41,7 @@ NOT_FORWARDED_CODES = frozenset(
         "service_overloaded",
         "upstream_pool_full",
         "too_many_connections",
+        "identity_unavailable",
     }
 )
 

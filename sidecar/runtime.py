@@ -27,18 +27,21 @@ from . import __version__
 from .accesslog import AccessLog
 from .admin import Admin
 from .balancer import make_balancer
-from .config import Config
+from .config import Config, ConfigError
 from .discovery import Discovery
 from .forward import Forwarder
 from .health import HealthChecker
 from .http.listener import Listener
 from .http.server import ServerLimits
+from .identity.allow import AllowList
+from .identity.base import Authorizer, IdentitySource
+from .identity.keeper import IdentityKeeper
 from .inbound import Inbound
 from .metrics import Metrics
 from .observe import Observer
 from .outbound import Outbound, RetryPolicy
 from .registration import Registration
-from .registry.base import CheckSpec, Instance, Registry, RegistryError
+from .registry.base import MTLS_META, CheckSpec, Instance, Registry, RegistryError
 from .supervise import AppProcess, AppStartError
 from .tracing import span_exporter
 from .workers import Workers, watch_primary
@@ -55,10 +58,46 @@ def make_registry(config: Config) -> Registry:
         from .registry.consul import ConsulRegistry
         from .registry.consul_settings import ConsulSettings
 
-        return ConsulRegistry(ConsulSettings.from_sources(config.registry.consul_flags, os.environ))
+        # Connect-native: Consul's own Envoy sidecars may then dial us over mutual TLS
+        native = config.security.mtls != "off" and config.security.identity == "consul"
+        settings = ConsulSettings.from_sources(config.registry.consul_flags, os.environ)
+        return ConsulRegistry(settings, connect_native=native)
     from .registry.local import LocalRegistry
 
     return LocalRegistry(config.registry.path)
+
+
+def make_identity(config: Config, registry: Registry) -> tuple[IdentityKeeper | None, Authorizer | None]:
+    """The identity keeper and the caller authorizer, or (None, None) with --mtls off."""
+    sec = config.security
+    if sec.mtls == "off":
+        return None, None
+    name = config.service.name
+    source: IdentitySource
+    authorizer: Authorizer
+    if sec.identity == "consul":
+        from .identity.consul import ConsulIdentitySource
+        from .identity.intentions import ConsulIntentions
+        from .registry.consul import ConsulRegistry
+
+        if not isinstance(registry, ConsulRegistry):
+            why = "consul needs --registry consul (the agent issues the certificates)"
+            raise ConfigError("--identity", why)
+        source = ConsulIdentitySource(registry, name)
+        authorizer = ConsulIntentions(registry, name)
+        return IdentityKeeper(source), authorizer
+    if sec.identity == "files":
+        from .identity.files import FilesIdentitySource
+
+        assert sec.tls_cert is not None and sec.tls_key is not None and sec.tls_ca is not None
+        source = FilesIdentitySource(sec.tls_cert, sec.tls_key, sec.tls_ca)
+    else:
+        from .identity.local import LocalIdentitySource
+
+        ca_dir = config.registry.path.parent
+        source = LocalIdentitySource(ca_dir, name, trust_domain=sec.trust_domain, cert_ttl=sec.cert_ttl)
+    keeper = IdentityKeeper(source)
+    return keeper, AllowList(sec.allow_from, keeper.trust_domains())
 
 
 class Sidecar:
@@ -66,6 +105,7 @@ class Sidecar:
         self.config = config
         self.started_at = time.time()
         self.registry = make_registry(config)
+        self.keeper, self.authorizer = make_identity(config, self.registry)
         self.health = HealthChecker(config.app)
         app_cfg, traffic, lim = config.app, config.traffic, config.limits
         self.inbound_forwarder, self.outbound_forwarder = (
@@ -106,6 +146,9 @@ class Sidecar:
             app_cfg.request_timeout,
             connect_timeout=traffic.connect_timeout,
             tunnel_idle_timeout=lim.tunnel_idle_timeout,
+            mtls=config.security.mtls,
+            keeper=self.keeper,
+            authorizer=self.authorizer,
         )
         policy = RetryPolicy(
             retries=traffic.retries,
@@ -123,6 +166,8 @@ class Sidecar:
             self.observer,
             connect_timeout=traffic.connect_timeout,
             tunnel_idle_timeout=lim.tunnel_idle_timeout,
+            mtls=config.security.mtls,
+            keeper=self.keeper,
         )
         self.admin = Admin(
             ready=self.ready,
@@ -153,6 +198,7 @@ class Sidecar:
                 limits=server_limits,
                 sidecar_name=name,
                 reuse_port=listen.workers > 1 or listen.worker_index > 0,
+                tls=self.keeper if part == "inbound" else None,
             )
             for part, (handler, host, port) in proxying.items()
         }
@@ -181,6 +227,13 @@ class Sidecar:
         if self.registration is None or not self.registration.registered:
             error = self.registration.last_error if self.registration else None
             return False, f"not registered: {error or 'registering'}"
+        if self.keeper is not None and not self.keeper.valid():
+            identity = self.keeper.identity
+            why = self.keeper.last_error or "not issued yet"
+            if identity is not None:
+                until = identity.describe()["not_after"]
+                why = f"certificate {identity.serial} not valid now (valid until {until})"
+            return False, f"no valid identity: {why}"
         return True, "app healthy and registered"
 
     def status(self) -> dict[str, Any]:
@@ -207,6 +260,7 @@ class Sidecar:
                 "probes": self.health.probes,
                 "pid": self.app.pid if self.app else None,
             },
+            "identity": self._identity(),
             "upstreams": self._upstreams(),
             "requests": {
                 "inbound": self.inbound.requests,
@@ -216,12 +270,25 @@ class Sidecar:
             },
         }
 
+    def _identity(self) -> dict[str, Any] | None:
+        if self.keeper is None:
+            return None
+        described = self.keeper.describe()
+        described["mtls"] = self.config.security.mtls
+        described["authorizer"] = self.authorizer.describe() if self.authorizer is not None else None
+        described["denied"] = self.inbound.denied
+        server = self.listeners["inbound"].server
+        described["tls_failures"] = server.tls_failures if server is not None else 0
+        return described
+
     def metrics(self) -> tuple[bytes, str]:
         return self.metrics_registry.render()
 
     def _refresh_metrics(self) -> None:
         m = self.metrics_registry
         m.set_app_healthy(self.health.healthy)
+        if self.keeper is not None:
+            m.set_identity(self.keeper.seconds_to_expiry(), self.keeper.rotations)
         registration = self.registration
         m.set_registry(
             registration is not None and registration.last_error is None and registration.registered,
@@ -254,7 +321,12 @@ class Sidecar:
         svc = self.config.service
         port = self.listeners["inbound"].port
         instance_id = svc.id or f"{svc.name}-{svc.advertise_address}-{port}"
-        meta = {"sidecar_version": __version__, "app_port": str(self.config.app.port), **svc.meta}
+        meta = {
+            "sidecar_version": __version__,
+            "app_port": str(self.config.app.port),
+            MTLS_META: self.config.security.mtls,
+            **svc.meta,
+        }
         return Instance(
             id=instance_id, name=svc.name, address=svc.advertise_address, port=port, tags=svc.tags, meta=meta
         )
@@ -288,6 +360,10 @@ class Sidecar:
             await self.registry.open()
         except RegistryError as exc:  # keep serving; the registration loop retries
             log.warning("%s", exc)
+        if self.keeper is not None:
+            await self.keeper.start()  # before the first handshake and the registration
+        if self.authorizer is not None:
+            await self.authorizer.open()  # starts keeping the rules current
         await self.inbound_forwarder.start()
         await self.outbound_forwarder.start()
         started: list[Listener] = []
@@ -329,6 +405,7 @@ class Sidecar:
             "health checker": asyncio.create_task(self.health.run(), name="health"),
             "registration": asyncio.create_task(self.registration.run(), name="registration"),
         }
+        self._start_identity(parts)
         exit_code = 0
         if cfg.command:
             env = dict(os.environ)
@@ -379,6 +456,7 @@ class Sidecar:
             "health checker": asyncio.create_task(self.health.run(), name="health"),
             "primary": asyncio.create_task(watch_primary(self.config.listen.primary_pid), name="primary"),
         }
+        self._start_identity(parts)
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop")
         done, _ = await asyncio.wait([stop_wait, *parts.values()], return_when=asyncio.FIRST_COMPLETED)
         if parts["primary"] in done:
@@ -421,8 +499,9 @@ class Sidecar:
         await self.listeners["outbound"].stop()
         if workers_done is not None:
             await workers_done
-        for part in ("registration", "health checker"):
-            parts[part].cancel()
+        for part in ("registration", "health checker", "identity"):
+            if part in parts:
+                parts[part].cancel()
         for task in parts.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -433,7 +512,15 @@ class Sidecar:
         # An app we stopped ourselves with SIGTERM is a clean stop, not a failure.
         return 0 if app_code is not None else None
 
+    def _start_identity(self, parts: dict[str, asyncio.Task[Any]]) -> None:
+        if self.keeper is not None:
+            parts["identity"] = asyncio.create_task(self.keeper.run(), name="identity")
+
     async def _close(self) -> None:
+        if self.authorizer is not None:
+            await self.authorizer.close()
+        if self.keeper is not None:
+            await self.keeper.close()
         if self.exporter is not None:
             await asyncio.to_thread(self.exporter.shutdown)  # flush queued spans
             self.exporter = None

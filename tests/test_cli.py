@@ -43,6 +43,15 @@ def test_version():
         (["--app-port", "80", "--log-level", "loud"], {}, "--log-level"),
         (["--app-port", "80"], {"MICRO_SIDECAR_HEALTH_TIMEOUT": "soon"}, "--health-timeout"),
         (["--app-port", "80", "--no-such-flag"], {}, "--no-such-flag"),
+        (["--app-port", "80", "--mtls", "sometimes"], {}, "--mtls"),
+        (["--app-port", "80", "--identity", "vault"], {}, "--identity"),
+        (["--app-port", "80", "--identity", "files"], {}, "--tls-cert"),
+        (["--app-port", "80", "--tls-key", "k.pem"], {}, "--tls-key"),
+        (["--app-port", "80", "--cert-ttl", "0.5"], {}, "--cert-ttl"),
+        (["--app-port", "80", "--trust-domain", "Not A Domain"], {}, "--trust-domain"),
+        (["--app-port", "80", "--allow-from", "bad name"], {}, "--allow-from"),
+        (["--app-port", "80", "--mtls", "off", "--allow-from", "web"], {}, "--allow-from"),
+        (["--app-port", "80", "--identity", "consul"], {}, "--identity"),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_flag(args, env, flag):

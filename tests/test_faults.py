@@ -142,9 +142,11 @@ def _registry_rows(path: Path) -> list[dict]:
 
 
 def test_upstream_reset_get_retried_on_another_instance_post_not(start_sidecar, procs, tmp_path):
-    """Instance A's address is a proxy that resets every connection after reading the request."""
+    """Instance A's address is a proxy that resets every connection after reading the request.
+    Plaintext between the sidecars (--mtls off): over TLS the proxy would reset the handshake,
+    before any request was sent, and a POST would then rightly be retried."""
     good_app = raw_app(procs, tmp_path, name="good")
-    start_sidecar(good_app.port, "--name", "flaky", "--health-path", "")
+    start_sidecar(good_app.port, "--name", "flaky", "--health-path", "", "--mtls", "off")
     bad_app = raw_app(procs, tmp_path, name="bad")
     # Its sidecar listens on 127.0.0.2, on a port the kernel picks, and advertises 127.0.0.3,
     # where the proxy listens on the same port (while the sidecar holds 127.0.0.2:port, no
@@ -159,6 +161,8 @@ def test_upstream_reset_get_retried_on_another_instance_post_not(start_sidecar, 
         "127.0.0.2",
         "--advertise-address",
         "127.0.0.3",
+        "--mtls",
+        "off",
     )
     port = bad.inbound_port
     with FaultProxy(port, "127.0.0.2", listen=("127.0.0.3", port)) as proxy:
@@ -171,6 +175,8 @@ def test_upstream_reset_get_retried_on_another_instance_post_not(start_sidecar, 
             "round_robin",
             "--outlier-failures",
             "1000",
+            "--mtls",
+            "off",
         )
         assert status_of(f"{caller.outbound}/flaky/warm") == 200
         wait_for(

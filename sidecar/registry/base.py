@@ -23,6 +23,10 @@ from typing import Literal
 
 Status = Literal["passing", "warning", "critical"]
 
+# Registration meta saying how the instance's inbound port takes mesh calls: "permissive"
+# or "strict" (mutual TLS), absent or "off" (plaintext only).
+MTLS_META = "mtls"
+
 
 def join_host_port(host: str, port: int) -> str:
     """`host:port`, with an IPv6 address in brackets."""

@@ -208,6 +208,13 @@ def test_node_and_ruby_call_each_other_by_name_with_one_request_id(mesh: Mesh) -
     assert body["greeter"]["requestId"] == rid
     assert headers.get("X-Request-Id") == rid
 
+    # both calls went sidecar to sidecar over mutual TLS, neither app changed: each inbound
+    # sidecar logged the caller its certificate named
+    for callee, caller in ((mesh.fortune, "greeter"), (mesh.greeter, "fortune")):
+        wait_for(lambda: f'"caller":"{caller}"' in callee.output(), 5, what=f"{caller} in the access log")
+        identity = callee.status()["identity"]
+        assert identity["mtls"] == "permissive" and identity["identity"]["valid"]
+
 
 def call_fortune(greeter: Sidecar, since: float) -> Answer:
     """One call to fortune through greeter's outbound listener, as greeter's app makes it."""

@@ -144,7 +144,10 @@ def forwarded_trusted(ex: Exchange, seen: list[dict]) -> None:
     got = app_headers(seen)
     assert len(got.get("x-forwarded-for", [])) == 1, f"X-Forwarded-For: {got.get('x-forwarded-for')}"
     assert got["x-forwarded-for"][0].split(",")[-1].strip() == "127.0.0.1"
-    assert got.get("x-forwarded-proto") == ["http"], f"X-Forwarded-Proto: {got.get('x-forwarded-proto')}"
+    # the last hop's own scheme: https when it was sidecar to sidecar over mutual TLS (the
+    # inbound sidecar then also sets X-Forwarded-Client-Cert), never the caller's claim
+    scheme = "https" if got.get("x-forwarded-client-cert") else "http"
+    assert got.get("x-forwarded-proto") == [scheme], f"X-Forwarded-Proto: {got.get('x-forwarded-proto')}"
     spoofed = [v for v in got.get("x-forwarded-host", []) if "evil.example" in v]
     assert not spoofed, "the caller's X-Forwarded-Host reached the app"
     assert len(got.get("x-forwarded-host", [])) <= 1
@@ -164,9 +167,12 @@ def forwarded_other_dropped(ex: Exchange, seen: list[dict]) -> None:
 
 def internal_dropped(ex: Exchange, seen: list[dict]) -> None:
     got = app_headers(seen)
-    assert not [k for k in got if k.startswith("x-sidecar-")], (
-        f"internal headers reached the app: {sorted(got)}"
-    )
+    # X-Sidecar-Caller is the inbound sidecar's own, for a verified mutual TLS caller only
+    internal = [k for k in got if k.startswith("x-sidecar-") and k != "x-sidecar-caller"]
+    assert not internal, f"internal headers reached the app: {sorted(got)}"
+    if "x-sidecar-caller" in got:
+        assert got.get("x-forwarded-client-cert"), "a caller name without a verified certificate"
+        assert got["x-sidecar-caller"] not in (["fake"], ["1"], ["yes"])
 
 
 def absolute_form_path(ex: Exchange, seen: list[dict]) -> None:
