@@ -219,3 +219,25 @@ def test_check_chain_follows_intermediates_to_a_root():
         certs.check_chain(certs.cert_to_pem(leaf) + certs.cert_to_pem(other), certs.cert_to_pem(root))
     # a bundle with several roots: any one will do
     certs.check_chain(chain, certs.cert_to_pem(other) + certs.cert_to_pem(root))
+
+
+@pytest.mark.parametrize(
+    ("uri", "service", "layout"),
+    [
+        ("spiffe://micro-sidecar.local/ns/default/dc/local/svc/web", "web", "svc"),
+        ("spiffe://0a1b.consul/ns/default/dc/dc1/svc/orders", "orders", "svc"),
+        ("spiffe://cluster.local/ns/shop/sa/orders", "orders", "sa"),  # cert-manager, Istio
+    ],
+)
+def test_spiffe_ids_of_both_layouts_round_trip(uri, service, layout):
+    parsed = SpiffeId.parse(uri)
+    assert (parsed.service, parsed.layout, parsed.uri) == (service, layout, uri)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["spiffe://td/ns/default/svc/web", "spiffe://td/ns//sa/web", "spiffe:///ns/a/sa/b", "spiffe://td/workload"],
+)
+def test_other_spiffe_paths_are_not_services(uri):
+    with pytest.raises(ValueError, match="not a service SPIFFE ID"):
+        SpiffeId.parse(uri)

@@ -20,29 +20,47 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class SpiffeId:
+    """A workload's SPIFFE ID, in one of the two layouts meshes use for services:
+
+    - Consul's `spiffe://<domain>/ns/<namespace>/dc/<dc>/svc/<service>` (ours too);
+    - Kubernetes' `spiffe://<domain>/ns/<namespace>/sa/<service account>` (cert-manager's
+      csi-driver-spiffe, Istio, SPIRE's Kubernetes registrar), whose service account
+      stands for the service: name it after the service.
+    """
+
     trust_domain: str
     service: str
     namespace: str = "default"
     datacenter: str = "local"
+    layout: str = "svc"  # "svc" (Consul's) or "sa" (Kubernetes')
 
     @property
     def uri(self) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/dc/{self.datacenter}/svc/{self.service}"
+        if self.layout == "sa":
+            return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service}"
+        return (
+            f"spiffe://{self.trust_domain}/ns/{self.namespace}/dc/{self.datacenter}/svc/{self.service}"
+        )
 
     def __str__(self) -> str:
         return self.uri
 
     @classmethod
     def parse(cls, uri: str) -> SpiffeId:
-        """A workload SPIFFE ID in Consul's layout; ValueError for anything else."""
+        """A workload SPIFFE ID in one of the two layouts; ValueError for anything else."""
         scheme, sep, rest = uri.partition("://")
         if scheme.lower() != "spiffe" or not sep:
             raise ValueError(f"not a SPIFFE ID: {uri[:200]!r}")
         trust_domain, _, path = rest.partition("/")
         parts = path.split("/")
-        if not trust_domain or len(parts) != 6 or parts[0::2] != ["ns", "dc", "svc"] or not all(parts):
-            raise ValueError(f"not a service SPIFFE ID (spiffe://<domain>/ns/N/dc/D/svc/S): {uri[:200]!r}")
-        return cls(trust_domain.lower(), parts[5], parts[1], parts[3])
+        if trust_domain and all(parts):
+            if len(parts) == 6 and parts[0::2] == ["ns", "dc", "svc"]:
+                return cls(trust_domain.lower(), parts[5], parts[1], parts[3])
+            if len(parts) == 4 and parts[0::2] == ["ns", "sa"]:
+                return cls(trust_domain.lower(), parts[3], parts[1], "", "sa")
+        raise ValueError(
+            f"not a service SPIFFE ID (spiffe://<domain>/ns/N/dc/D/svc/S or /ns/N/sa/S): {uri[:200]!r}"
+        )
 
 
 @dataclass(frozen=True, repr=False)
