@@ -111,7 +111,13 @@ def test_a_mesh_call_is_mutual_tls_and_the_app_learns_its_caller(mesh, registry_
     wait_for(lambda: '"caller":"web"' in orders.output(), 5, what="caller in the access log")
     ident = orders.status()["identity"]
     assert ident["identity"]["spiffe_id"] == uri("orders") and ident["identity"]["valid"]
-    assert "PRIVATE" not in json.dumps(orders.status())
+    # no private key anywhere an operator looks, and the CA key readable only by its owner
+    key_pem = (registry_path.parent / "mesh-ca.key").read_bytes()
+    key_body = key_pem.split(b"\n")[1].decode()
+    _, _, metrics = http("GET", f"{orders.admin}/metrics")
+    for text in (json.dumps(orders.status()), orders.output(), web.output(), metrics.decode()):
+        assert "PRIVATE KEY" not in text and key_body not in text
+    assert (registry_path.parent / "mesh-ca.key").stat().st_mode & 0o077 == 0
 
 
 def test_permissive_takes_plaintext_without_a_caller(mesh):
