@@ -296,6 +296,60 @@ def mtls_table(rows: list[dict[str, Any]]) -> str:
     return table(headers, body)
 
 
+HANDSHAKE_TARGET = 0.3  # issue 13: new mTLS connections/s of the sidecar, at least 0.3x nginx's
+
+
+def handshake_summary(med: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sidecar B's inbound port (mesh-mtls) against nginx's back (nginx-tls): the rate of new
+    mutual-TLS connections, judged against issue 13's target, and the CPU per connection,
+    whose inverse is the rate one core could take whatever limited this run."""
+    s, n = med.get("mesh-mtls", {}), med.get("nginx-tls", {})
+    ratio = _ratio(s.get("per_s"), n.get("per_s"))
+    return {
+        "sidecar_per_s": s.get("per_s"),
+        "nginx_per_s": n.get("per_s"),
+        "ratio": ratio,
+        "target": f">= {HANDSHAKE_TARGET}x",
+        "verdict": "n/a" if ratio is None else ("PASS" if ratio >= HANDSHAKE_TARGET else "FAIL"),
+        "sidecar_cpu_us": s.get("cpu_us"),
+        "nginx_cpu_us": n.get("cpu_us"),
+        # connections/s at one full core each: nginx's CPU per connection over the sidecar's
+        "cpu_bound_ratio": _ratio(n.get("cpu_us"), s.get("cpu_us")),
+    }
+
+
+def handshake_table(med: dict[str, dict[str, Any]], probes: dict[str, dict[str, Any]]) -> str:
+    headers = [
+        "target",
+        "server",
+        "tls",
+        "conn/s",
+        "proxy us/conn",
+        "conn/s at 1 core",
+        "proxy cpu %",
+        "load core %",
+        "others %",
+    ]
+    body = []
+    for name, m in med.items():
+        seen = probes.get(name, {})
+        cpu_us = m.get("cpu_us")
+        body.append(
+            [
+                name,
+                str(seen.get("server", "")),
+                f"{seen.get('tls')} {seen.get('cipher')}",
+                fmt(m.get("per_s")),
+                fmt(cpu_us),
+                fmt(1e6 / cpu_us if cpu_us else None),
+                fmt(m.get("proxy_core_pct"), 0),
+                fmt(m.get("load_core_pct"), 0),
+                fmt(m.get("others_pct"), 0),
+            ]
+        )
+    return table(headers, body)
+
+
 def verdict_table(rows: list[dict[str, Any]]) -> str:
     headers = ["issue 7 metric", "nginx", "sidecar", "ratio", "mesh", "ratio", "target", "sidecar"]
     body = [

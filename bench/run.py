@@ -39,6 +39,8 @@ from harness import (
     tool_version,
 )
 from report import (
+    handshake_summary,
+    handshake_table,
     median_row,
     mtls_ratios,
     mtls_table,
@@ -51,6 +53,7 @@ from report import (
     verdicts,
 )
 from stack import Stack, Target, start_stack
+from tls import client_for, measure_handshakes
 
 ALL_TARGETS = ["direct", "sidecar", "mesh", "mesh-mtls", "nginx", "nginx-2hop", "nginx-tls", "workers"]
 PATHS = {"small": "/small", "download": "/10m", "upload": "/upload"}
@@ -72,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers-cores", help="taskset core list for the `workers` target (default: the first N cores)"
     )
     p.add_argument("--keepalive-conns", type=int, default=1000, help="idle connections for the RSS column")
+    p.add_argument(
+        "--handshake-clients",
+        type=int,
+        default=4,
+        help="openssl s_time processes at once for the new-connection rate (on --load-core)",
+    )
     p.add_argument("--profile", type=Path, help="py-spy the one-hop sidecar at 16 conns; raw stacks here")
     p.add_argument("--profile-seconds", type=float, default=10.0)
     p.add_argument("--profile-only", action="store_true", help="skip the matrix, only --profile")
@@ -86,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (2 if args.quick else 8)
     args.conns = [int(c) for c in args.conns.split(",") if c]
     args.targets = [t for t in args.targets.split(",") if t]
+    if args.handshake_clients < 1:
+        p.error("--handshake-clients must be at least 1")
     if args.workers < 2:
         p.error("--workers must be at least 2 (the sidecar row is the one-process case)")
     args.workers_cores = args.workers_cores or ",".join(
@@ -243,6 +254,41 @@ def run_matrix(harness: Harness, stack: Stack, args: argparse.Namespace) -> dict
     return {"runs": runs, "medians": medians, "rss_runs": rss, "rss": rss_medians}
 
 
+def run_handshakes(harness: Harness, stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    """New mutual-TLS connections per second against sidecar B's inbound port (mesh-mtls) and
+    nginx's back (nginx-tls), the same client for both: `openssl s_time -new` with a client
+    certificate from the CA each server trusts, `--handshake-clients` of them at once for
+    `--duration` seconds, `--repeat` times."""
+    clients, probes = {}, {}
+    for name, server in stack.tls.items():
+        cert, key, seen = client_for(harness.workdir, name, server)
+        clients[name] = (cert, key)
+        probes[name] = {"server": f"{server.label} :{server.port}", **seen}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(args.repeat):
+        for name, server in stack.tls.items():
+            row = measure_handshakes(
+                harness,
+                name,
+                server,
+                clients[name],
+                args.duration,
+                args.load_core,
+                [stack.app.pid],
+                args.app_core == args.load_core,
+                args.handshake_clients,
+            )
+            runs.setdefault(name, []).append(row)
+            print(
+                f"[{rep + 1}/{args.repeat}] handshakes/{name:<12} {row['per_s']:,.0f} conn/s, "
+                f"{row['cpu_us']:,.0f} us/conn ({row['connections']} connections)",
+                flush=True,
+            )
+            time.sleep(1)
+    medians = {name: median_row(rows) for name, rows in runs.items()}
+    return {"probes": probes, "runs": runs, "medians": medians, "summary": handshake_summary(medians)}
+
+
 def run_profile(harness: Harness, stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     py_spy = ensure_py_spy()
     target = stack.targets["sidecar"]
@@ -333,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not args.profile_only:
             result.update(run_matrix(harness, stack, args))
+            if stack.tls:
+                result["handshakes"] = run_handshakes(harness, stack, args)
             med, rss = result["medians"], result["rss"]
             names = list(stack.targets)
             result["verdicts"] = verdicts(med, rss)
@@ -350,6 +398,21 @@ def main(argv: list[str] | None = None) -> int:
                 print()
                 print("issue 13: mutual TLS, proxy CPU us/request of the two-hop paths (same run):")
                 print(mtls_table(result["mtls"]))
+            if stack.tls:
+                hs = result["handshakes"]
+                print()
+                print(
+                    f"new mutual-TLS connections ({args.handshake_clients} x openssl s_time -new, client "
+                    f"certificate, GET /small HTTP/1.0), medians of {args.repeat} run(s):"
+                )
+                print(handshake_table(hs["medians"], hs["probes"]))
+                sm = hs["summary"]
+                if sm["ratio"] is not None:
+                    print(
+                        f"sidecar / nginx: {sm['ratio']:.2f}x conn/s (issue 13 target {sm['target']}: "
+                        f"{sm['verdict']}); {sm['cpu_bound_ratio']:.2f}x at one core each "
+                        "(nginx's CPU per connection / the sidecar's)"
+                    )
             if "workers" in names and "sidecar" in names:
                 print()
                 print(

@@ -84,8 +84,11 @@ _APP_SERVER = """\
 # The reference: a keep-alive reverse proxy that streams both ways like the sidecar does
 # (no response buffering, no request buffering, 64 KiB reads like the sidecar's chunks)
 # and sets the same kind of forwarding headers. The two-hop rows chain two of these;
-# nginx-tls adds TLS to the back's server and to the front's proxy_pass.
+# nginx-tls adds TLS to the back's server and to the front's proxy_pass. The Host header
+# goes on as it came; an HTTP/1.0 request without one (openssl s_time's) gets the address it
+# came to instead of an empty Host, which the app (HTTP/1.1) would refuse with a 400.
 _PROXY_SERVER = """\
+  map $http_host $host_header {{ "" $server_addr:$server_port; default $http_host; }}
   upstream next_hop {{
     server 127.0.0.1:{next_port};
     keepalive 1024;
@@ -98,7 +101,7 @@ _PROXY_SERVER = """\
       proxy_pass {scheme}://next_hop;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_set_header Host $http_host;
+      proxy_set_header Host $host_header;
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto $scheme;
       proxy_set_header X-Forwarded-Host $http_host;
