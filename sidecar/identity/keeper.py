@@ -26,6 +26,9 @@ from .tls import ClientTLS, MeshTLS
 
 log = logging.getLogger(__name__)
 
+# How long start-up waits for the first identity before serving without one.
+START_TIMEOUT = 5.0
+
 
 class IdentityKeeper:
     def __init__(self, source: IdentitySource) -> None:
@@ -71,13 +74,18 @@ class IdentityKeeper:
 
     # -- life -------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """The first identity, if it can be had now (else `run` keeps trying)."""
+    async def start(self, timeout: float = START_TIMEOUT) -> None:
+        """The first identity, if it can be had within `timeout` (else `run` keeps
+        trying): a hung source must not hold up the listeners."""
         await self.source.open()
         try:
-            self._use(await self.source.fetch(None))
+            self._use(await asyncio.wait_for(self.source.fetch(None), timeout))
         except IdentityError as exc:
             self._failed(exc, "no identity yet: %s")
+        except TimeoutError:
+            self._failed(
+                IdentityError(f"{self.source.kind}: no answer within {timeout:g}s"), "no identity yet: %s"
+            )
 
     async def run(self) -> None:
         """Until cancelled: wait for each replacement and swap it in."""
