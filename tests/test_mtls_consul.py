@@ -92,3 +92,19 @@ def test_a_root_rotation_under_load_fails_no_request(consul_agent, start_app, st
         )
     assert orders.status()["identity"]["identity"]["serial"] != old_leaf
     assert http("GET", f"{web.outbound}/orders/after")[0] == 200
+
+
+def test_a_hung_agent_holds_up_neither_start_nor_plaintext_callers(consul_agent, start_app, start_sidecar):
+    consul_agent.set_fault("hang")
+    app = start_app("orders")
+    began = time.monotonic()
+    try:
+        orders = start_sidecar(app.port, "--name", "orders", *consul_args(consul_agent), ready=False)
+        assert time.monotonic() - began < 9  # the first certificate is waited for 5 s at most
+        # permissive: a plaintext caller is served while there is no certificate yet
+        assert http("GET", f"{orders.inbound}/plain")[0] == 200
+        assert orders.ready()[0] == 503
+    finally:
+        consul_agent.clear_fault()
+    wait_for(lambda: orders.ready()[0] == 200, 20, what="ready once the agent answers")
+    assert orders.status()["identity"]["identity"]["valid"]
