@@ -69,16 +69,28 @@ def test_ttl_is_kept_fresh_and_app_death_turns_critical(consul_agent, start_app,
 
     app.signal(signal.SIGKILL)
     app.wait(5)
-    wait_for(lambda: consul_agent.checks()[check_id]["Status"] == "critical", 10, what="critical in consul")
-    assert "probe of" in consul_agent.checks()[check_id]["Output"]
+    # (the check may be gone for a moment: critical longer than --deregister-critical-after
+    # 1 s, the agent removes the instance and the sidecar registers it again)
+    def status() -> str | None:
+        return consul_agent.checks().get(check_id, {}).get("Status")
+
+    outputs: list[str] = []
+
+    def critical() -> bool:
+        check = consul_agent.checks().get(check_id, {})
+        outputs.append(check.get("Output", ""))
+        return check.get("Status") == "critical"
+
+    wait_for(critical, 20, what="critical in consul")
+    assert "probe of" in outputs[-1]
     wait_for(
         lambda: http("GET", f"{caller.outbound}/svc/x")[1].get("X-Sidecar-Error") == "no_healthy_instance",
-        10,
+        20,
         what="peers stop routing",
     )
     start_app("svc", port=app.port)
-    wait_for(lambda: consul_agent.checks()[check_id]["Status"] == "passing", 10, what="passing again")
-    wait_for(lambda: http("GET", f"{caller.outbound}/svc/x")[0] == 200, 10, what="peers route again")
+    wait_for(lambda: status() == "passing", 20, what="passing again")
+    wait_for(lambda: http("GET", f"{caller.outbound}/svc/x")[0] == 200, 20, what="peers route again")
 
 
 def test_agent_restart_wipes_state_and_sidecar_registers_again(consul_agent, start_app, start_sidecar):
