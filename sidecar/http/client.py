@@ -122,6 +122,11 @@ class UpstreamResponse:
 class Pool:
     """Keep-alive connections to one endpoint."""
 
+    # TLS exchanges given up on, by every pool of the process: each leaves reference
+    # cycles (uvloop's SSL protocol and ours) for the cycle collector (see
+    # sidecar.runtime.collect_cycles)
+    abandoned_tls = 0
+
     def __init__(
         self,
         endpoint: str,
@@ -304,6 +309,8 @@ class Pool:
             return
         if abandon:
             conn.abort()
+            if self.tls is not None:
+                Pool.abandoned_tls += 1
         else:
             conn.close()
         self._lost(conn)
