@@ -33,6 +33,7 @@ from .forward import Forwarder
 from .health import HealthChecker
 from .http.headers import REQUEST_ID, request_headers
 from .http.messages import Request, Response
+from .http.tls import PeerCertificate
 from .http.tunnel import is_upgrade, tunnel
 from .identity.base import Authorizer, SpiffeId
 from .identity.keeper import IdentityKeeper
@@ -42,6 +43,8 @@ from .registry.base import join_host_port
 
 # The caller's verified service name, for the app (absent for plaintext callers).
 CALLER_HEADER = "X-Sidecar-Caller"
+# Caller certificates remembered at once (then forgotten all together).
+MAX_CALLERS = 1024
 
 
 class Inbound:
@@ -64,6 +67,9 @@ class Inbound:
         self.keeper = keeper
         self.authorizer = authorizer
         self.denied = 0
+        # per caller certificate (its SHA-256): its identity and the XFCC tail, worked out
+        # once, not per request
+        self._callers: dict[str, tuple[SpiffeId | None, str]] = {}
         self.connect_timeout = connect_timeout
         self.tunnel_idle_timeout = tunnel_idle_timeout
         self.name = name
@@ -88,7 +94,7 @@ class Inbound:
         started = time.monotonic()
         trace = tracing.from_headers(request.headers)
         deadline = deadline_from(request.headers, self.request_timeout, started)
-        caller = peer_identity(request.peer) if request.peer is not None else None
+        caller, xfcc = self._caller(request.peer) if request.peer is not None else (None, "")
         with self._in_flight:
             try:
                 if self.mtls != "off":
@@ -102,7 +108,7 @@ class Inbound:
                 # The app learns its remaining budget; the sidecar-to-sidecar header stays here.
                 extra = [*trace.headers().items(), (TIMEOUT_HEADER, deadline.header_value(started))]
                 if caller is not None:
-                    extra += self._caller_headers(request, caller)
+                    extra += self._caller_headers(caller, xfcc)
                 if is_upgrade(request):
                     headers, request_id = request_headers(request, None)
                     headers.update(extra)
@@ -159,17 +165,23 @@ class Inbound:
         self.denied += 1
         self.metrics.inc_denied(code)
 
-    def _caller_headers(self, request: Request, caller: SpiffeId) -> list[tuple[str, str]]:
+    def _caller(self, peer: PeerCertificate) -> tuple[SpiffeId | None, str]:
+        known = self._callers.get(peer.sha256)
+        if known is None:
+            if len(self._callers) >= MAX_CALLERS:
+                self._callers.clear()
+            caller = peer_identity(peer)
+            tail = f"Hash={peer.sha256};URI={caller.uri}" if caller is not None else ""
+            known = self._callers[peer.sha256] = (caller, tail)
+        return known
+
+    def _caller_headers(self, caller: SpiffeId, xfcc: str) -> list[tuple[str, str]]:
         """Who called, for the app: the service name, and Envoy's X-Forwarded-Client-Cert.
         (Both are dropped from what the caller sent, with every X-Sidecar- and
         X-Forwarded- header.)"""
         own = self.keeper.spiffe_id if self.keeper is not None else None
-        digest = request.peer.sha256 if request.peer is not None else ""
         by = f"By={own.uri};" if own is not None else ""
-        return [
-            (CALLER_HEADER, caller.service),
-            ("X-Forwarded-Client-Cert", f"{by}Hash={digest};URI={caller.uri}"),
-        ]
+        return [(CALLER_HEADER, caller.service), ("X-Forwarded-Client-Cert", by + xfcc)]
 
     def _finished(
         self,

@@ -38,9 +38,7 @@ class SpiffeId:
     def uri(self) -> str:
         if self.layout == "sa":
             return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service}"
-        return (
-            f"spiffe://{self.trust_domain}/ns/{self.namespace}/dc/{self.datacenter}/svc/{self.service}"
-        )
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/dc/{self.datacenter}/svc/{self.service}"
 
     def __str__(self) -> str:
         return self.uri
