@@ -412,6 +412,30 @@ def _sidecar_ports() -> tuple[int, int, int]:
     return free_port(), free_port(), free_port()
 
 
+def _start_hop(
+    harness: Harness,
+    label: str,
+    service: str,
+    app_port: int,
+    registry: Path,
+    core: int,
+    access_log: bool,
+    mtls: str,
+    ready_path: tuple[int, str],
+) -> tuple[Proc, tuple[int, int, int]]:
+    """One sidecar of the mesh pair, ready once `ready_path` (which of its ports, path)
+    answers the small body; started again on new ports when one was taken."""
+
+    def start() -> tuple[Proc, tuple[int, int, int]]:
+        ports = _sidecar_ports()
+        proc = _start_sidecar(harness, label, service, app_port, ports, registry, core, access_log, mtls)
+        wait_http(f"http://127.0.0.1:{ports[2]}/ready", proc)
+        wait_http(f"http://127.0.0.1:{ports[ready_path[0]]}{ready_path[1]}", proc, want=SMALL_BODY)
+        return proc, ports
+
+    return on_free_ports(start)
+
+
 def _start_b(
     harness: Harness,
     label: str,
@@ -422,15 +446,9 @@ def _start_b(
     mtls: str = "off",
 ) -> tuple[Proc, tuple[int, int, int]]:
     """Sidecar B: `upstream` in front of the app; ready once its inbound port serves."""
-
-    def start() -> tuple[Proc, tuple[int, int, int]]:
-        ports = _sidecar_ports()
-        b = _start_sidecar(harness, label, UPSTREAM_NAME, app_port, ports, registry, core, access_log, mtls)
-        wait_http(f"http://127.0.0.1:{ports[2]}/ready", b)
-        wait_http(f"http://127.0.0.1:{ports[0]}/small", b, want=SMALL_BODY)
-        return b, ports
-
-    return on_free_ports(start)
+    return _start_hop(
+        harness, label, UPSTREAM_NAME, app_port, registry, core, access_log, mtls, (0, "/small")
+    )
 
 
 def _start_a(
@@ -443,15 +461,8 @@ def _start_a(
     mtls: str = "off",
 ) -> tuple[Proc, tuple[int, int, int]]:
     """Sidecar A: `client`, whose outbound port reaches B by name; ready once it does."""
-
-    def start() -> tuple[Proc, tuple[int, int, int]]:
-        ports = _sidecar_ports()
-        a = _start_sidecar(harness, label, CLIENT_NAME, app_port, ports, registry, core, access_log, mtls)
-        wait_http(f"http://127.0.0.1:{ports[2]}/ready", a)
-        wait_http(f"http://127.0.0.1:{ports[1]}/{UPSTREAM_NAME}/small", a, want=SMALL_BODY)
-        return a, ports
-
-    return on_free_ports(start)
+    where = (1, f"/{UPSTREAM_NAME}/small")
+    return _start_hop(harness, label, CLIENT_NAME, app_port, registry, core, access_log, mtls, where)
 
 
 def _mesh_target(name: str, a_ports: tuple[int, int, int], procs: list[Proc], caller: str) -> Target:
