@@ -121,6 +121,37 @@ CONSUL_FLAGS = (
     show_default=True,
     help="Largest request body in bytes (413 beyond; counted while streaming).",
 )
+@click.option(
+    "--app-protocol",
+    default="http1",
+    show_default=True,
+    help="What the app speaks: http1, or h2c (HTTP/2 without TLS: gRPC apps).",
+)
+@click.option(
+    "--health-grpc",
+    is_flag=True,
+    default=False,
+    help="Probe the app with grpc.health.v1.Health/Check instead of --health-path (needs h2c).",
+)
+@click.option(
+    "--health-grpc-service",
+    default="",
+    help="The service --health-grpc asks about (default: the whole server).",
+)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="NAME=PORT",
+    help="A loopback port that always calls service NAME (repeatable), for clients that cannot name it.",
+)
+@click.option(
+    "--h2-max-streams",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="HTTP/2 streams a client may open at once on one connection.",
+)
 @click.option("--registry", default="local", show_default=True, help="Registry backend: local or consul.")
 @click.option("--registry-path", default=None, help="SQLite file of the local registry.")
 @click.option(
@@ -343,6 +374,11 @@ def cli(**opts: Any) -> None:
             unhealthy_threshold=opts["unhealthy_threshold"],
             request_timeout=opts["request_timeout"],
             max_request_body=opts["max_request_body"],
+            app_protocol=opts["app_protocol"],
+            health_grpc=opts["health_grpc"],
+            health_grpc_service=opts["health_grpc_service"],
+            upstreams=opts["upstreams"],
+            h2_max_streams=opts["h2_max_streams"],
             registry=opts["registry"],
             registry_path=opts["registry_path"],
             registry_ttl=opts["registry_ttl"],

@@ -29,6 +29,8 @@ MTLS_MODES: tuple[MtlsMode, ...] = ("permissive", "strict", "off")
 IdentityKind = Literal["local", "consul", "files"]
 IDENTITY_KINDS: tuple[IdentityKind, ...] = ("local", "consul", "files")
 DEFAULT_TRUST_DOMAIN = "micro-sidecar.local"
+AppProtocol = Literal["http1", "h2c"]
+APP_PROTOCOLS: tuple[AppProtocol, ...] = ("http1", "h2c")
 
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_OUTBOUND_PORT = 15001
@@ -56,6 +58,9 @@ class AppConfig:
     unhealthy_threshold: int
     request_timeout: float
     max_request_body: int
+    protocol: AppProtocol = "http1"  # what the app speaks: HTTP/1.1, or HTTP/2 in cleartext
+    health_grpc: bool = False  # probe grpc.health.v1.Health/Check instead of health_path
+    health_grpc_service: str = ""  # "": the whole server
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,8 @@ class ListenConfig:
     workers: int = 1  # processes sharing the inbound and outbound ports
     worker_index: int = 0  # 0: the primary (registers, admin, app); >0: a forwarding worker
     primary_pid: int = 0  # in a worker: the primary process to outlive by no more than a moment
+    # loopback ports dedicated to one service each (--upstream NAME=PORT)
+    upstreams: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,7 @@ class LimitsConfig:
     max_connections: int
     upstream_max_connections: int
     upstream_max_pending: int
+    h2_max_streams: int = 1000  # HTTP/2 streams a client may have open on one connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +176,10 @@ class Config:
         return {
             "name": self.service.name,
             "app": f"{self.app.host}:{self.app.port}",
+            "app_protocol": self.app.protocol,
             "health_path": self.app.health_path or None,
+            "health_grpc": self.app.health_grpc,
+            "upstreams": {name: port for name, port in self.listen.upstreams},
             "health_interval": self.app.health_interval,
             "healthy_threshold": self.app.healthy_threshold,
             "unhealthy_threshold": self.app.unhealthy_threshold,
@@ -263,6 +274,26 @@ def parse_meta(items: Sequence[str]) -> dict[str, str]:
     return meta
 
 
+def parse_upstreams(items: Sequence[str], taken: Sequence[int]) -> tuple[tuple[str, int], ...]:
+    """`NAME=PORT` items of --upstream: one loopback port per service, none shared."""
+    out: list[tuple[str, int]] = []
+    ports: set[int] = set()
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name or not text.isdigit():
+            raise ConfigError("--upstream", f"{item!r} is not NAME=PORT")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name):
+            raise ConfigError("--upstream", f"{name!r} is not a service name (lower-case letters, digits, '-')")
+        port = _port("--upstream", int(text), allow_zero=False)
+        if port in ports or port in [p for p in taken if p]:
+            raise ConfigError("--upstream", f"port {port} is used twice")
+        if any(known == name for known, _ in out):
+            raise ConfigError("--upstream", f"{name!r} is named twice")
+        ports.add(port)
+        out.append((name, port))
+    return tuple(out)
+
+
 def build_config(
     *,
     app_port: int,
@@ -288,6 +319,11 @@ def build_config(
     unhealthy_threshold: int = 2,
     request_timeout: float = 30.0,
     max_request_body: int = 1024**3,
+    app_protocol: str = "http1",
+    health_grpc: bool = False,
+    health_grpc_service: str = "",
+    upstreams: Sequence[str] = (),
+    h2_max_streams: int = 1000,
     registry: str = "local",
     registry_path: str | None = None,
     registry_ttl: float | None = None,
@@ -348,6 +384,17 @@ def build_config(
     if unhealthy_threshold < 1:
         raise ConfigError("--unhealthy-threshold", "must be at least 1")
     _positive("--request-timeout", request_timeout)
+    if app_protocol not in APP_PROTOCOLS:
+        raise ConfigError("--app-protocol", f"{app_protocol!r} is not one of {', '.join(APP_PROTOCOLS)}")
+    if health_grpc and app_protocol != "h2c":
+        raise ConfigError("--health-grpc", "needs an HTTP/2 app (--app-protocol h2c)")
+    if health_grpc_service and not health_grpc:
+        raise ConfigError("--health-grpc-service", "is only used with --health-grpc")
+    if health_grpc_service and not re.fullmatch(r"[A-Za-z0-9_.]{1,200}", health_grpc_service):
+        raise ConfigError("--health-grpc-service", f"{health_grpc_service!r} is not a gRPC service name")
+    if not 1 <= h2_max_streams <= 2**31 - 1:
+        raise ConfigError("--h2-max-streams", f"{h2_max_streams} must be at least 1")
+    parsed_upstreams = parse_upstreams(upstreams, (outbound_port, inbound_port, admin_port))
     if max_request_body < 0:
         raise ConfigError("--max-request-body", "must be >= 0 bytes")
     if registry not in REGISTRY_KINDS:
@@ -430,6 +477,9 @@ def build_config(
             unhealthy_threshold=unhealthy_threshold,
             request_timeout=float(request_timeout),
             max_request_body=max_request_body,
+            protocol=app_protocol,  # type: ignore[arg-type]
+            health_grpc=bool(health_grpc),
+            health_grpc_service=health_grpc_service,
         ),
         listen=ListenConfig(
             inbound_host=inbound_host,
@@ -441,6 +491,7 @@ def build_config(
             workers=workers,
             worker_index=worker_index,
             primary_pid=primary_pid,
+            upstreams=parsed_upstreams,
         ),
         service=ServiceConfig(
             name=name,
@@ -479,6 +530,7 @@ def build_config(
             max_connections=max_connections,
             upstream_max_connections=upstream_max_connections,
             upstream_max_pending=upstream_max_pending,
+            h2_max_streams=h2_max_streams,
         ),
         log_level=log_level.lower(),  # type: ignore[arg-type]
         command=tuple(command),
