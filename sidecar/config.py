@@ -283,7 +283,9 @@ def parse_upstreams(items: Sequence[str], taken: Sequence[int]) -> tuple[tuple[s
         if not sep or not name or not text.isdigit():
             raise ConfigError("--upstream", f"{item!r} is not NAME=PORT")
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name):
-            raise ConfigError("--upstream", f"{name!r} is not a service name (lower-case letters, digits, '-')")
+            raise ConfigError(
+                "--upstream", f"{name!r} is not a service name (lower-case letters, digits, '-')"
+            )
         port = _port("--upstream", int(text), allow_zero=False)
         if port in ports or port in [p for p in taken if p]:
             raise ConfigError("--upstream", f"port {port} is used twice")
@@ -477,7 +479,7 @@ def build_config(
             unhealthy_threshold=unhealthy_threshold,
             request_timeout=float(request_timeout),
             max_request_body=max_request_body,
-            protocol=app_protocol,  # type: ignore[arg-type]
+            protocol=app_protocol,
             health_grpc=bool(health_grpc),
             health_grpc_service=health_grpc_service,
         ),

@@ -48,6 +48,7 @@ from .http.client import (
     UpstreamResponse,
     request_head,
 )
+from .http.h2_client import H2Pool, H2Response, NoHttp2
 from .http.headers import REQUEST_ID, only_chunked, request_headers, response_headers
 from .http.messages import Request, Response
 from .http.tls import ClientTLS, PeerRejected
@@ -65,6 +66,8 @@ CHUNK = 64 * 1024
 #   "timeout"          no response headers in time;
 #   "refused"          the sidecar itself refused the request (too large, the client left).
 AttemptFailure = Literal["connect_failure", "unsent", "reset", "timeout", "refused"]
+# How an endpoint is spoken to: HTTP/1.1, or HTTP/2 (h2c to an app, h2 over the mesh's TLS).
+Protocol = Literal["http1", "h2"]
 
 
 class Forwarder:
@@ -83,7 +86,10 @@ class Forwarder:
         max_connections: int = 256,
         max_pending: int = 1024,
         to_app: bool = False,
+        stream_idle_timeout: float = 300.0,
     ) -> None:
+        # gRPC streams may be quiet for long: their body waits get this instead
+        self._stream_idle_timeout = stream_idle_timeout
         # the inbound forwarder talks to our own app: see response_headers(from_app)
         self._to_app = to_app
         self._max_body = max_body
@@ -99,6 +105,7 @@ class Forwarder:
         # app does and never race it with a request
         self._keepalive_timeout = keepalive_timeout
         self._pools: dict[str, Pool] | None = None
+        self._h2_pools: dict[str, H2Pool] = {}
 
     def __repr__(self) -> str:
         return f"<Forwarder active={self.active} open={self._pools is not None}>"
@@ -116,6 +123,9 @@ class Forwarder:
             for pool in self._pools.values():
                 pool.close()
             self._pools = None
+        for h2_pool in self._h2_pools.values():
+            h2_pool.close()
+        self._h2_pools = {}
 
     def _pool(self, endpoint: str, tls: ClientTLS | None) -> Pool:
         pools = self._pools
@@ -136,6 +146,25 @@ class Forwarder:
             pool.key = key
         return pool
 
+    def _h2_pool(self, endpoint: str, tls: ClientTLS | None) -> H2Pool:
+        key = endpoint if tls is None else f"{endpoint} {tls.service}"
+        pool = self._h2_pools.get(key)
+        if pool is None:
+            pool = self._h2_pools[key] = H2Pool(
+                endpoint,
+                max_connections=max(1, self._max_connections // 64),
+                keepalive_timeout=self._keepalive_timeout,
+                connect_timeout=self._connect_timeout,
+                on_empty=self._drop_h2_pool,
+                tls=tls,
+            )
+            pool.key = key
+        return pool
+
+    def _drop_h2_pool(self, pool: H2Pool) -> None:
+        if self._h2_pools.get(pool.key) is pool:
+            del self._h2_pools[pool.key]
+
     def _drop_pool(self, pool: Pool) -> None:
         """An endpoint's pool holds nothing any more: forget it, so that instances that come
         and go do not grow the dict for the life of the process."""
@@ -152,6 +181,7 @@ class Forwarder:
         extra_headers: Iterable[tuple[str, str]] = (),
         timeout: float | None = None,
         tls: ClientTLS | None = None,
+        protocol: Protocol = "http1",
     ) -> Response:
         """One attempt: send `request` to `http(s)://<endpoint><path>`, stream the answer back."""
         headers, request_id = request_headers(request, host)
@@ -162,7 +192,9 @@ class Forwarder:
         # (idempotency, budget, other instances), so a request reaches the app at most once
         # per attempt.
         try:
-            upstream = await self.open(request.method, endpoint, path, headers, body, timeout, tls)
+            upstream = await self.open(
+                request.method, endpoint, path, headers, body, timeout, tls, protocol, te_trailers(request)
+            )
         except ForwardError as err:
             raise err.error from err
         return await self.relay(request, upstream, request_id, body)
@@ -183,7 +215,8 @@ class Forwarder:
             return None
         if expect is not None and request.version >= (1, 1):
             request.send_continue()
-        return LimitedBody(request.content, self._max_body, self._body_timeout)
+        timeout = self._stream_idle_timeout if getattr(request, "grpc", False) else self._body_timeout
+        return LimitedBody(request.content, self._max_body, timeout)
 
     async def open(
         self,
@@ -194,19 +227,28 @@ class Forwarder:
         body: AsyncIterable[bytes] | None,
         timeout: float | None = None,
         tls: ClientTLS | None = None,
-    ) -> UpstreamResponse:
+        protocol: Protocol = "http1",
+        te: bool = False,
+    ) -> UpstreamResponse | H2Response:
         """Send the request and wait for the response's headers. Raises ForwardError.
 
         `timeout` bounds the wait for the response headers (the per-try timeout); the
         body then streams with the idle read timeout of the pool. With `tls`, the
         connection is mutual TLS and the peer must present `tls.service`'s identity.
         """
-        pool = self._pool(endpoint, tls)
         in_flight = self._in_flight.get(endpoint, 0)
         if in_flight >= self._max_in_flight:
             raise ForwardError(
                 "unsent", UpstreamPoolFull(f"{in_flight} requests already waiting for {endpoint}")
             )
+        if protocol == "h2":
+            self._in_flight[endpoint] = in_flight + 1
+            try:
+                return await self._open_h2(method, endpoint, path, headers, body, timeout, tls, te)
+            except BaseException:
+                self._done(endpoint)
+                raise
+        pool = self._pool(endpoint, tls)
         try:
             head = request_head(method, path, headers, endpoint, body is not None)
         except BadRequestHead as exc:
@@ -251,7 +293,51 @@ class Forwarder:
             if not opened:
                 self._done(endpoint)
 
-    def discard(self, upstream: UpstreamResponse) -> None:
+    async def _open_h2(
+        self,
+        method: str,
+        endpoint: str,
+        path: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None,
+        timeout: float | None,
+        tls: ClientTLS | None,
+        te: bool,
+    ) -> H2Response:
+        """The HTTP/2 attempt: a stream on a multiplexed connection. Raises ForwardError."""
+        pool = self._h2_pool(endpoint, tls)
+        deadline = None if timeout is None else pool.loop.time() + timeout
+        try:
+            conn = await pool.connection(deadline)
+        except PoolTimeout as exc:
+            waited = UpstreamTimeout(f"timed out waiting for a free HTTP/2 stream to {endpoint}")
+            raise ForwardError("unsent", waited) from exc
+        except ConnectTimeout as exc:
+            raise ForwardError(
+                "connect_failure", UpstreamTimeout(f"timed out connecting to {endpoint}")
+            ) from exc
+        except PeerRejected as exc:
+            raise ForwardError("connect_failure", PeerIdentityMismatch(f"{endpoint}: {exc}")) from exc
+        except NoHttp2 as exc:
+            raise ForwardError("connect_failure", UpstreamConnectError(str(exc))) from exc
+        except OSError as exc:
+            refused = UpstreamConnectError(f"cannot connect to {endpoint}: {_reason(exc)}")
+            raise ForwardError("connect_failure", refused) from exc
+        authority = headers.get("Host") or endpoint
+        try:
+            return await pool.exchange(
+                conn, method, authority, path, headers.items(), body, deadline, te_trailers=te
+            )
+        except NotSent as exc:
+            raise ForwardError("unsent", UpstreamConnectError(f"{endpoint}: {exc}")) from exc
+        except Exception as exc:
+            broken = body.broken() if isinstance(body, LimitedBody) else None
+            failure = ForwardError("refused", broken) if broken is not None else _translate(exc, endpoint)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def discard(self, upstream: UpstreamResponse | H2Response) -> None:
         """Drop an answer that will not be relayed (a retried 5xx): its connection, and
         its slot among the endpoint's requests in flight."""
         upstream.close()
@@ -267,7 +353,7 @@ class Forwarder:
     async def relay(
         self,
         request: Request,
-        upstream: UpstreamResponse,
+        upstream: UpstreamResponse | H2Response,
         request_id: str,
         body: LimitedBody | None = None,
     ) -> Response:
@@ -288,7 +374,9 @@ class Forwarder:
                 upstream.release()
             self._done(upstream.endpoint)
 
-    async def _relay(self, request: Request, upstream: UpstreamResponse, request_id: str) -> Response:
+    async def _relay(
+        self, request: Request, upstream: UpstreamResponse | H2Response, request_id: str
+    ) -> Response:
         upstream_headers = upstream.headers
         if "Transfer-Encoding" in upstream_headers:
             codings = upstream_headers.getall("Transfer-Encoding")
@@ -310,7 +398,10 @@ class Forwarder:
                     length = len(data)
                 if transport is not None and not _fits(transport, data):
                     watchdog = _arm(transport, self._write_timeout)
-                await request.start(status, headers, length, reason=upstream.reason, data=data, end=True)
+                trailers = upstream.trailers if type(upstream) is H2Response else None
+                await request.start(
+                    status, headers, length, reason=upstream.reason, data=data, end=True, trailers=trailers
+                )
                 return response
             await request.start(status, headers, length, reason=upstream.reason)
             write = request.write
@@ -326,7 +417,7 @@ class Forwarder:
                 await write(chunk)
                 watchdog.cancel()
                 watchdog = None
-            await request.end()
+            await request.end(upstream.trailers if type(upstream) is H2Response else None)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             # Headers are gone already: the only honest answer is a broken connection,
             # never a clean-looking truncated body.
@@ -334,8 +425,7 @@ class Forwarder:
                 log.debug("client %s left during the answer of %s", request.remote, upstream.endpoint)
             else:
                 log.warning("upstream %s broke mid-response: %s", upstream.endpoint, _reason(exc))
-            if transport is not None:
-                transport.abort()
+            request.fail_answer(f"{upstream.endpoint} broke off its answer")
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -449,6 +539,12 @@ def _translate(exc: Exception, endpoint: str) -> ForwardError | None:
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return ForwardError("reset", UpstreamProtocolError(f"{endpoint} failed: {_reason(exc)}"))
     return None
+
+
+def te_trailers(request: Request) -> bool:
+    """Whether the client said it takes trailers (`TE: trailers`, which gRPC sends)."""
+    value = request.headers.get("TE")
+    return value is not None and "trailers" in value.lower()
 
 
 def _short_keepalive(headers: CIMultiDictProxy[str], ours: float) -> bool:

@@ -24,12 +24,19 @@ import asyncio
 import time
 
 from . import tracing
-from .config import MtlsMode
-from .deadline import TIMEOUT_HEADER
+from .config import AppProtocol, MtlsMode
 from .deadline import from_headers as deadline_from
 from .discovery import PANIC_HEADER
-from .errors import AppUnhealthy, ClientClosed, MtlsRequired, PermissionDenied, SidecarError, error_response
-from .forward import Forwarder
+from .errors import (
+    AppProtocolMismatch,
+    AppUnhealthy,
+    ClientClosed,
+    MtlsRequired,
+    PermissionDenied,
+    SidecarError,
+    error_response,
+)
+from .forward import Forwarder, Protocol
 from .health import HealthChecker
 from .http.headers import REQUEST_ID, request_headers
 from .http.messages import Request, Response
@@ -62,7 +69,10 @@ class Inbound:
         mtls: MtlsMode = "off",
         keeper: IdentityKeeper | None = None,
         authorizer: Authorizer | None = None,
+        app_protocol: AppProtocol = "http1",
     ) -> None:
+        self.app_protocol = app_protocol
+        self._protocol: Protocol = "h2" if app_protocol == "h2c" else "http1"
         self.mtls = mtls
         self.keeper = keeper
         self.authorizer = authorizer
@@ -93,7 +103,7 @@ class Inbound:
         self.requests += 1
         started = time.monotonic()
         trace = tracing.from_headers(request.headers)
-        deadline = deadline_from(request.headers, self.request_timeout, started)
+        deadline = deadline_from(request.headers, self.request_timeout, started, request.grpc)
         caller, xfcc = self._caller(request.peer) if request.peer is not None else (None, "")
         with self._in_flight:
             try:
@@ -106,7 +116,12 @@ class Inbound:
                     self.panic_requests += 1  # the caller has no passing instance: try the app
                 path = request.path_qs  # an absolute-form target: only its path and query
                 # The app learns its remaining budget; the sidecar-to-sidecar header stays here.
-                extra = [*trace.headers().items(), (TIMEOUT_HEADER, deadline.header_value(started))]
+                if request.grpc and self._protocol != "h2":
+                    raise AppProtocolMismatch(
+                        f"app {self.name!r} speaks HTTP/1.1 and gRPC needs HTTP/2: "
+                        "start its sidecar with --app-protocol h2c"
+                    )
+                extra = [*trace.headers().items(), *deadline.app_headers(started)]
                 if caller is not None:
                     extra += self._caller_headers(caller, xfcc)
                 if is_upgrade(request):
@@ -128,10 +143,11 @@ class Inbound:
                         self.app_endpoint,
                         path,
                         extra_headers=extra,
-                        timeout=deadline.remaining(started),
+                        timeout=deadline.timeout(started),
+                        protocol=self._protocol,
                     )
             except SidecarError as err:
-                response = error_response(err, self.name, request.headers.get(REQUEST_ID))
+                response = error_response(err, self.name, request.headers.get(REQUEST_ID), grpc=request.grpc)
             except asyncio.CancelledError:
                 # the caller left: the listener cancelled the request, and the app's
                 # connection was reset under it

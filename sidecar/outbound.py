@@ -12,6 +12,7 @@ import asyncio
 import math
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -24,6 +25,7 @@ from .deadline import from_headers as deadline_from
 from .discovery import PANIC_HEADER, Discovery
 from .errors import (
     ERROR_HEADER,
+    AppProtocolMismatch,
     BadRequest,
     ClientClosed,
     IdentityUnavailableError,
@@ -34,23 +36,31 @@ from .errors import (
     UpstreamTimeout,
     error_response,
 )
-from .forward import Forwarder, ForwardError
+from .forward import Forwarder, ForwardError, Protocol, te_trailers
+from .http.h2_server import HTTP2
 from .http.headers import REQUEST_ID, request_headers
 from .http.messages import Request, Response
 from .http.tls import ClientTLS
 from .http.tunnel import is_upgrade, tunnel
 from .identity.keeper import IdentityKeeper
 from .observe import Observer
-from .registry.base import MTLS_META, Instance
+from .registry.base import H2_META, MTLS_META, Instance
 from .retry import (
+    GRPC_REPLAY_LIMIT,
     NEVER_SENT,
+    REPLAY_LIMIT,
     FailureKind,
     ReplayBuffer,
     RetryBudget,
     backoff_delay,
+    grpc_failure,
+    grpc_unavailable,
     response_failure,
     retry_eligible,
 )
+
+# How many times a gRPC call was tried before, for the server (gRPC's retry design, A6).
+PREVIOUS_ATTEMPTS = "grpc-previous-rpc-attempts"
 
 # Retries of requests that never reached an app, on top of --retries (they spend no
 # budget): enough to step over a few dead instances that are still registered.
@@ -172,21 +182,33 @@ class Outbound:
             self.budgets[service] = budget
         return budget
 
-    async def handle(self, request: Request) -> Response:
+    def handler_for(self, service: str) -> Callable[[Request], Awaitable[Response]]:
+        """The handler of an --upstream port: every request goes to `service`, with its
+        target's path and query as they are (the rules of the outbound listener hold)."""
+
+        async def handle(request: Request) -> Response:
+            return await self.handle(request, service)
+
+        return handle
+
+    async def handle(self, request: Request, fixed: str | None = None) -> Response:
         self.requests += 1
         started = time.monotonic()
         trace = tracing.from_headers(request.headers)
-        deadline = deadline_from(request.headers, self.policy.request_timeout, started)
+        deadline = deadline_from(request.headers, self.policy.request_timeout, started, request.grpc)
         service = "-"
         call = _Call()
         with self._in_flight:
             try:
-                service, path = parse_target(request.raw_path, request.headers.get("Host"))
+                if fixed is None:
+                    service, path = parse_target(request.raw_path, request.headers.get("Host"))
+                else:
+                    service, path = fixed, request.path_qs
                 response = await self._call(request, service, path, deadline, trace, call)
             except SidecarError as err:
                 if isinstance(err, (UnknownService, BadRequest, MisdirectedRequest)):
                     service = "-"  # a name nobody registered never becomes a metric label
-                response = error_response(err, self.name, request.headers.get(REQUEST_ID))
+                response = error_response(err, self.name, request.headers.get(REQUEST_ID), grpc=request.grpc)
             except asyncio.CancelledError:
                 # the client left: the listener cancelled the call and every attempt with it
                 self._finished(request, ClientClosed.status, started, trace, service, call)
@@ -232,7 +254,9 @@ class Outbound:
         if is_upgrade(request):
             return await self._tunnel(request, service, path, instances, headers, deadline, call)
         limited = self.forwarder.body(request)
-        body = ReplayBuffer(limited) if limited is not None else None
+        limit = GRPC_REPLAY_LIMIT if request.grpc else REPLAY_LIMIT
+        body = ReplayBuffer(limited, limit) if limited is not None else None
+        te = te_trailers(request) or request.grpc
         tried: set[str] = set()
         tries = _Tries()
         while True:
@@ -244,6 +268,8 @@ class Outbound:
                 # the live set: an instance ejected, gone or joined since the last try counts
                 instances = self.discovery.current(service)
             self._panic_header(service, headers, call.attempts > 1)
+            if request.grpc and call.attempts > 1:
+                headers[PREVIOUS_ATTEMPTS] = str(call.attempts - 1)
             lease = self.balancer.acquire(service, instances, exclude=tried)
             tried.add(lease.instance.id)
             call.instance = lease.instance.id
@@ -252,7 +278,7 @@ class Outbound:
             # The caller's impatience is not the instance's fault: an attempt cut short by
             # a deadline the caller (or the previous hop) asked for is not charged to it.
             per_try = self.policy.per_try_timeout or math.inf
-            cut_by_caller = deadline.source != "config" and timeout < per_try
+            cut_by_caller = deadline.source != "config" and timeout is not None and timeout < per_try
             everyone_tried = len(tried) >= len(instances)
             outcome: Outcome = "cancelled"
             retry: FailureKind | None = None
@@ -266,6 +292,8 @@ class Outbound:
                         body.body() if body else None,
                         timeout,
                         self._tls_for(lease.instance),
+                        self._protocol_for(request, lease.instance),
+                        te,
                     )
                 except ForwardError as err:
                     broken = limited.broken() if limited is not None else None
@@ -282,13 +310,15 @@ class Outbound:
                         continue
                     raise err.error from err
                 failure = response_failure(upstream.status, upstream.headers)
+                if request.grpc and failure is None:
+                    failure = grpc_failure(upstream.headers, upstream.content.is_eof())
                 # the next hop may have run out of the caller's budget: not the instance's fault
                 answered: Outcome = (
                     "cancelled"
                     if cut_by_caller and upstream.headers.get(ERROR_HEADER) == UpstreamTimeout.code
                     else upstream.status
                 )
-                outcome = answered
+                outcome = 503 if failure == "unavailable" else answered
                 if failure is not None and self._may_retry(
                     request, service, budget, deadline, tries, failure, upstream.status, body, everyone_tried
                 ):
@@ -298,6 +328,8 @@ class Outbound:
                 outcome = "cancelled"  # until the answer is relayed
                 response = await self.forwarder.relay(request, upstream, call.request_id, limited)
                 outcome = answered
+                if request.grpc and grpc_unavailable(getattr(upstream, "trailers", None)):
+                    outcome = 503  # a gRPC UNAVAILABLE counts against the instance, like a 503
                 return response
             finally:
                 self.balancer.release(lease, outcome)
@@ -347,7 +379,8 @@ class Outbound:
                 headers,
                 call.request_id or "",
                 connect_timeout=self.connect_timeout,
-                response_timeout=deadline.try_timeout(self.policy.per_try_timeout, now),
+                response_timeout=deadline.try_timeout(self.policy.per_try_timeout, now)
+                or self.policy.request_timeout,
                 idle_timeout=self.tunnel_idle_timeout,
                 tls=tls,
             )
@@ -361,6 +394,20 @@ class Outbound:
             raise
         finally:
             self.balancer.release(lease, outcome)
+
+    def _protocol_for(self, request: Request, instance: Instance) -> Protocol:
+        """HTTP/2 to a peer sidecar for an HTTP/2 request (gRPC needs it), HTTP/1.1 for the
+        rest; a peer too old for HTTP/2 gets plain requests over HTTP/1.1 and no gRPC."""
+        if request.version != HTTP2:
+            return "http1"
+        if instance.meta.get(H2_META) == "1":
+            return "h2"
+        if request.grpc:
+            refused = AppProtocolMismatch(
+                f"{instance.endpoint}'s sidecar does not take HTTP/2 (gRPC needs it)"
+            )
+            raise ForwardError("unsent", refused)
+        return "http1"
 
     def _tls_for(self, instance: Instance) -> ClientTLS | None:
         """How to reach `instance`: mutual TLS when it says it speaks it (its registration's

@@ -29,6 +29,8 @@ RETRYABLE_STATUSES = frozenset({502, 503, 504})
 # (Envoy keeps up to 1 MiB per request; a quarter of that covers the usual JSON uploads
 # and keeps a thousand concurrent uploads under 256 MiB.)
 REPLAY_LIMIT = 256 * 1024
+# A gRPC call is retried only while its whole request is held (at most this much).
+GRPC_REPLAY_LIMIT = 64 * 1024
 IDEMPOTENCY_KEY = "Idempotency-Key"
 # Codes of X-Sidecar-Error answers that a peer sidecar gives without forwarding to its
 # app. A peer sidecar drops the X-Sidecar-* headers of its app's answers (an app may relay
@@ -52,7 +54,10 @@ NOT_FORWARDED_CODES = frozenset(
 #   reset              the connection broke after the request (or part of it) was sent
 #   timeout            no response headers within the per-try timeout
 #   status             the endpoint answered with `status`
-FailureKind = Literal["connect_failure", "reset_before_send", "not_forwarded", "reset", "timeout", "status"]
+#   unavailable        a gRPC trailers-only UNAVAILABLE (14): no response had started
+FailureKind = Literal[
+    "connect_failure", "reset_before_send", "not_forwarded", "reset", "timeout", "status", "unavailable"
+]
 NEVER_SENT: frozenset[FailureKind] = frozenset({"connect_failure", "reset_before_send", "not_forwarded"})
 
 
@@ -74,7 +79,7 @@ def retry_eligible(
     """Whether this failed attempt may be retried on another endpoint (budget aside)."""
     if not body_replayable:
         return False
-    if failure_kind in NEVER_SENT:
+    if failure_kind in NEVER_SENT or failure_kind == "unavailable":
         return True
     if not is_idempotent(method, headers):
         return False
@@ -90,6 +95,22 @@ def response_failure(status: int, headers: Mapping[str, str]) -> FailureKind | N
     if headers.get("X-Sidecar-Error") in NOT_FORWARDED_CODES:
         return "not_forwarded"
     return "status"
+
+
+def grpc_failure(headers: Mapping[str, str], ended: bool) -> FailureKind | None:
+    """Classify a gRPC answer: a trailers-only one (`ended`: the head ended the stream)
+    with grpc-status 14 never started a response; from a peer sidecar that did not reach
+    its app (its X-Sidecar-Error), it never reached an app at all."""
+    if not ended or headers.get("grpc-status") != "14":
+        return None
+    if headers.get("X-Sidecar-Error") in NOT_FORWARDED_CODES:
+        return "not_forwarded"
+    return "unavailable"
+
+
+def grpc_unavailable(trailers: list[tuple[str, str]] | None) -> bool:
+    """Whether a gRPC answer's trailers say UNAVAILABLE (14)."""
+    return trailers is not None and any(k.lower() == "grpc-status" and v.strip() == "14" for k, v in trailers)
 
 
 def backoff_delay(

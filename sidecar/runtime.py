@@ -33,7 +33,7 @@ from .forward import Forwarder
 from .health import HealthChecker
 from .http.client import Pool
 from .http.listener import Listener
-from .http.server import ServerLimits
+from .http.server import Handler, ServerLimits
 from .identity.allow import AllowList
 from .identity.base import Authorizer, IdentitySource
 from .identity.keeper import IdentityKeeper
@@ -42,7 +42,7 @@ from .metrics import Metrics
 from .observe import Observer
 from .outbound import Outbound, RetryPolicy
 from .registration import Registration
-from .registry.base import MTLS_META, CheckSpec, Instance, Registry, RegistryError
+from .registry.base import APP_PROTOCOL_META, H2_META, MTLS_META, CheckSpec, Instance, Registry, RegistryError
 from .supervise import AppProcess, AppStartError
 from .tracing import span_exporter
 from .workers import Workers, watch_primary
@@ -119,6 +119,7 @@ class Sidecar:
                 max_connections=lim.upstream_max_connections,
                 max_pending=lim.upstream_max_pending,
                 to_app=to_app,
+                stream_idle_timeout=lim.tunnel_idle_timeout,
             )
             for to_app in (True, False)
         )
@@ -150,6 +151,7 @@ class Sidecar:
             mtls=config.security.mtls,
             keeper=self.keeper,
             authorizer=self.authorizer,
+            app_protocol=app_cfg.protocol,
         )
         policy = RetryPolicy(
             retries=traffic.retries,
@@ -184,11 +186,14 @@ class Sidecar:
             header_timeout=lim.header_timeout,
             idle_timeout=lim.idle_timeout,
             max_connections=lim.max_connections,
+            h2_max_streams=lim.h2_max_streams,
         )
-        proxying = {
+        proxying: dict[str, tuple[Handler, str, int]] = {
             "inbound": (self.inbound.handle, listen.inbound_host, listen.inbound_port),
             "outbound": (self.outbound.handle, listen.outbound_host, listen.outbound_port),
         }
+        for service, port in listen.upstreams:  # --upstream NAME=PORT: loopback, one service
+            proxying[f"upstream {service}"] = (self.outbound.handler_for(service), listen.outbound_host, port)
         self.listeners = {
             part: Listener(
                 part,
@@ -326,6 +331,8 @@ class Sidecar:
             "sidecar_version": __version__,
             "app_port": str(self.config.app.port),
             MTLS_META: self.config.security.mtls,
+            H2_META: "1",
+            APP_PROTOCOL_META: self.config.app.protocol,
             **svc.meta,
         }
         return Instance(
@@ -466,13 +473,19 @@ class Sidecar:
         stop_wait.cancel()
         self.stopping = True
         await self.listeners["inbound"].stop()
-        await self.listeners["outbound"].stop()
+        await self._stop_outbound()
         for task in parts.values():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._close()
         return 0
+
+    async def _stop_outbound(self) -> None:
+        """The outbound listener and the --upstream ones, which follow its rules."""
+        for part, listener in self.listeners.items():
+            if part == "outbound" or part.startswith("upstream "):
+                await listener.stop()
 
     async def _shutdown(self, parts: dict[str, asyncio.Task[Any]]) -> int | None:
         """The ordered stop; returns the app's exit code when it was stopped here."""
@@ -498,7 +511,7 @@ class Sidecar:
         if self.app is not None and self.app.proc is not None and self.app.proc.returncode is None:
             app_code = await self.app.stop(timeout=max(lifecycle.grace_period, 1.0))
             app_code = app_code if app_code is None or app_code >= 0 else 0
-        await self.listeners["outbound"].stop()
+        await self._stop_outbound()
         if workers_done is not None:
             await workers_done
         for part in ("registration", "health checker", "identity"):

@@ -122,6 +122,8 @@ class Request:
         "version",
     )
 
+    grpc = False  # gRPC needs HTTP/2 (see h2_server.H2Request)
+
     @property
     def scheme(self) -> str:
         return "http" if self.peer is None else "https"
@@ -206,6 +208,7 @@ class Request:
         data: bytes = b"",
         end: bool = False,
         raw: bool = False,
+        trailers: list[tuple[str, str]] | None = None,
     ) -> None:
         """Send the response head and, after it in the same write, the first body bytes.
 
@@ -260,8 +263,9 @@ class Request:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         await self._write(data)
 
-    async def end(self) -> None:
-        """The end of the body (the last chunk, when chunked)."""
+    async def end(self, trailers: list[tuple[str, str]] | None = None) -> None:
+        """The end of the body (the last chunk, when chunked). HTTP/1.1 clients get no
+        trailers: none of ours asks for them, and gRPC needs HTTP/2 anyway."""
         if self._chunked:
             self._chunked = False
             await self._write(b"0\r\n\r\n")
@@ -297,6 +301,11 @@ class Request:
         self._out(data)
         if self._conn.writing_paused:
             await self._conn.drain()
+
+    def fail_answer(self, why: str) -> None:
+        """The answer cannot be completed: only a broken connection says so honestly."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def take_over(self) -> StreamReader:
         """After a 101: every byte the client sends from now on, unparsed."""

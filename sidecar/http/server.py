@@ -50,6 +50,8 @@ from ..errors import (
     error_body,
     error_response,
 )
+from .h2_core import PREFACE
+from .h2_server import H2ServerConnection
 from .headers import only_chunked
 from .messages import Request, Response, reason_phrase
 from .tls import PeerCertificate, peer_certificate
@@ -73,6 +75,7 @@ class ServerLimits:
     header_timeout: float = 10.0
     idle_timeout: float = 75.0
     max_connections: int = 10_000
+    h2_max_streams: int = 1000
 
 
 def check_request(request: Request) -> None:
@@ -164,6 +167,7 @@ class ClientConnection(BaseProtocol):
 
     __slots__ = (
         "_eof",
+        "_fresh",
         "_head_timer",
         "_held",
         "_idle_since",
@@ -193,6 +197,7 @@ class ClientConnection(BaseProtocol):
         self._raw: StreamReader | None = None  # after a 101: the client's bytes, unparsed
         self._held = b""  # bytes after an upgrade request, until a tunnel takes them
         self._lingering = False
+        self._fresh = False  # no byte received yet: HTTP/2 may start
         self.closing = False  # no request after the current one
         self.remote = ""
         self.peer: PeerCertificate | None = None  # a TLS client's verified certificate
@@ -231,7 +236,11 @@ class ClientConnection(BaseProtocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.peer = peer_certificate(ssl_object)
+            if ssl_object.selected_alpn_protocol() == "h2":
+                self._to_http2(b"")
+                return
         self._arm_idle()
+        self._fresh = True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -258,6 +267,12 @@ class ClientConnection(BaseProtocol):
             task.cancel()
 
     def data_received(self, data: bytes) -> None:
+        if self._fresh:
+            # the first bytes: the HTTP/2 connection preface (prior knowledge) or HTTP/1.1
+            self._fresh = False
+            if data[:3] == b"PRI" and PREFACE.startswith(data[: len(PREFACE)]):
+                self._to_http2(data)
+                return
         if self._raw is not None:
             self._raw.feed_data(data)
             return
@@ -322,6 +337,20 @@ class ClientConnection(BaseProtocol):
             return
         transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._loop.call_later(_PROBES[min(n, len(_PROBES) - 1)], self._probe, n + 1)
+
+    def _to_http2(self, data: bytes) -> None:
+        """Hand the transport to the HTTP/2 side, with the bytes read so far."""
+        transport = self.transport
+        assert transport is not None
+        self._cancel_timers()
+        self._server.connections.discard(self)
+        self._parser = None
+        self.transport = None
+        h2 = H2ServerConnection(self._server, self.remote, self.peer)
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
+        if data:
+            h2.data_received(data)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -517,7 +546,7 @@ class Server:
         self.handler = handler
         self.limits = limits
         self.sidecar_name = sidecar_name
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientConnection | H2ServerConnection] = set()
         self.refused = 0
         self.tls_failures = 0  # connections dropped before HTTP: failed TLS handshakes, silence
         self.draining = False  # answers say Connection: close (the sidecar is stopping)

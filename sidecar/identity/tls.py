@@ -43,17 +43,17 @@ def server_context(identity: Identity) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     _load_identity(ctx, identity)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"])  # a peer's HTTP/2 pool asks for h2
     return ctx
 
 
-def client_context(identity: Identity) -> ssl.SSLContext:
+def client_context(identity: Identity, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     _load_identity(ctx, identity)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -72,6 +72,7 @@ class _Contexts:
     identity: Identity
     server: ssl.SSLContext
     client: ssl.SSLContext
+    client_h2: ssl.SSLContext
     generation: int
 
 
@@ -83,7 +84,13 @@ class MeshTLS:
 
     @staticmethod
     def _build(identity: Identity, generation: int) -> _Contexts:
-        return _Contexts(identity, server_context(identity), client_context(identity), generation)
+        return _Contexts(
+            identity,
+            server_context(identity),
+            client_context(identity),
+            client_context(identity, ("h2",)),
+            generation,
+        )
 
     def update(self, identity: Identity) -> None:
         """Use `identity` for every handshake from now on."""
@@ -102,6 +109,9 @@ class MeshTLS:
 
     def client_context(self) -> ssl.SSLContext:
         return self._now.client
+
+    def client_h2_context(self) -> ssl.SSLContext:
+        return self._now.client_h2
 
     def client(self, service: str) -> ClientTLS:
         """How to dial an instance of `service`: our certificate, and a check that the
@@ -124,6 +134,9 @@ class ClientTLS:
 
     def context(self) -> ssl.SSLContext:
         return self._mesh.client_context()
+
+    def h2_context(self) -> ssl.SSLContext:
+        return self._mesh.client_h2_context()
 
     def check_peer(self, cert: PeerCertificate | None) -> None:
         peer = peer_identity(cert)

@@ -26,6 +26,11 @@ Status = Literal["passing", "warning", "critical"]
 # Registration meta saying how the instance's inbound port takes mesh calls: "permissive"
 # or "strict" (mutual TLS), absent or "off" (plaintext only).
 MTLS_META = "mtls"
+# "1": the sidecar's inbound port takes HTTP/2 (h2c, or h2 over mutual TLS); absent: an
+# older sidecar, which HTTP/2 callers reach over HTTP/1.1 (gRPC cannot be).
+H2_META = "h2"
+# What the app behind the sidecar speaks: "http1" or "h2c" (--app-protocol).
+APP_PROTOCOL_META = "app_protocol"
 
 
 def join_host_port(host: str, port: int) -> str:
