@@ -2,12 +2,15 @@
 
 The app starts unhealthy. `rise` passes in a row make it healthy, `fall` failures in a
 row make it unhealthy, and only a change is announced (to the inbound gate and to the
-registration loop). A probe error is a failed probe, never a crash.
+registration loop). A probe error is a failed probe, never a crash. The probe is an HTTP
+GET of health_path, a TCP connect (no path), or with --health-grpc one call of
+grpc.health.v1.Health/Check that passes only on SERVING.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +19,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 
 from .config import AppConfig
+from .http.grpc import GrpcProbeError, HealthAnswer, ServingStatus, Status, check_health
 from .registry.base import join_host_port
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,13 @@ def transition(
     )
 
 
+def _name(codes: type[enum.IntEnum], value: int) -> str:
+    try:
+        return codes(value).name
+    except ValueError:
+        return str(value)
+
+
 Listener = Callable[[HealthState], Awaitable[None] | None]
 
 
@@ -70,6 +81,7 @@ class HealthChecker:
         self._where = join_host_port(app.host, app.port)
         self._url = f"http://{self._where}{app.health_path}"
         self.probes = 0
+        self._warned_unimplemented = False
 
     def __repr__(self) -> str:
         word = "healthy" if self.state.healthy else "unhealthy"
@@ -87,6 +99,9 @@ class HealthChecker:
         cfg = self._cfg
         where = self._where
         try:
+            if cfg.health_grpc:
+                answer = await check_health(cfg.host, cfg.port, cfg.health_grpc_service, cfg.health_timeout)
+                return self._judge_grpc(answer)
             if not cfg.health_path:
                 async with asyncio.timeout(cfg.health_timeout):
                     _, writer = await asyncio.open_connection(cfg.host, cfg.port)
@@ -98,9 +113,29 @@ class HealthChecker:
                 return 200 <= resp.status < 400, f"HTTP GET {cfg.health_path}: {resp.status}", True
         except TimeoutError:
             return False, f"probe of {where} timed out after {cfg.health_timeout:g}s", False
+        except GrpcProbeError as exc:  # the app answered, only not in gRPC
+            return False, f"grpc health of {where} failed: {exc}", True
         except (aiohttp.ClientError, OSError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return False, f"probe of {where} failed: {reason}", False
+
+    def _judge_grpc(self, answer: HealthAnswer) -> tuple[bool, str, bool]:
+        """Pass only on grpc-status OK with SERVING; any other gRPC answer still shows the app up."""
+        if answer.grpc_status == Status.OK:
+            if answer.serving == ServingStatus.SERVING:
+                return True, "grpc health: SERVING", True
+            word = _name(ServingStatus, answer.serving) if answer.serving is not None else "no valid status"
+            return False, f"grpc health: {word}", True
+        status = _name(Status, answer.grpc_status)
+        detail = f": {answer.grpc_message}" if answer.grpc_message else ""
+        if answer.grpc_status == Status.UNIMPLEMENTED and not self._warned_unimplemented:
+            self._warned_unimplemented = True
+            log.warning(
+                "configuration error: the app at %s does not serve grpc.health.v1.Health "
+                "(UNIMPLEMENTED); drop --health-grpc or add the health service to the app",
+                self._where,
+            )
+        return False, f"grpc health: {status}{detail}", True
 
     async def mark_down(self, output: str) -> None:
         """The app is known to be gone (it exited): unhealthy now, without waiting to probe."""
