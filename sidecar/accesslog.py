@@ -103,6 +103,8 @@ class AccessLog:
         request_id: str | None = None,
         trace_id: str | None = None,
         caller: str | None = None,
+        protocol: str = "HTTP/1.1",
+        grpc_status: str | None = None,
     ) -> None:
         """Log one finished request. `target` is the raw request target (its query is dropped);
         `duration` is in seconds; `instance` is the endpoint's id (or address) that answered;
@@ -122,6 +124,8 @@ class AccessLog:
             "request_id": _cap(request_id),
             "trace_id": _cap(trace_id, 32),
             "caller": _cap(caller),
+            "protocol": protocol,
+            "grpc_status": _cap(grpc_status, 8),
         }
         line = json.dumps(record, separators=(",", ":")) if self.fmt == "json" else self._text(record)
         try:
@@ -142,5 +146,6 @@ class AccessLog:
         return (
             f"{r['time']} {s('direction')} {s('method')} {s('path')} {r['status']} {r['duration_ms']}ms "
             f"service={s('service')} instance={s('instance')} attempts={r['attempts']} "
-            f"request_id={s('request_id')} trace_id={s('trace_id')} caller={s('caller')}"
+            f"request_id={s('request_id')} trace_id={s('trace_id')} caller={s('caller')} "
+            f"protocol={s('protocol')} grpc_status={s('grpc_status')}"
         )

@@ -248,7 +248,9 @@ def error_response(
         ]
         if request_id:
             headers.append(("X-Request-Id", request_id))
-        return Response(200, headers, b"", request_id=request_id)
+        response = Response(200, headers, b"", request_id=request_id)
+        response.grpc_status = headers[1][1]
+        return response
     return Response(
         err.status,
         error_headers(err, request_id),

@@ -385,6 +385,8 @@ class Forwarder:
         status = upstream.status
         headers = response_headers(upstream_headers, request_id, self._to_app)
         response = Response(status, request_id=upstream_headers.get(REQUEST_ID, request_id), sent=True)
+        if request.grpc:
+            response.grpc_status = upstream_headers.get("grpc-status")  # trailers-only
         text = upstream_headers.get("Content-Length")
         length = int(text) if text is not None and text.isdigit() else None
         content = upstream.content
@@ -399,6 +401,8 @@ class Forwarder:
                 if transport is not None and not _fits(transport, data):
                     watchdog = _arm(transport, self._write_timeout)
                 trailers = upstream.trailers if type(upstream) is H2Response else None
+                if trailers is not None and request.grpc:
+                    response.grpc_status = next((v for k, v in trailers if k == "grpc-status"), None)
                 await request.start(
                     status, headers, length, reason=upstream.reason, data=data, end=True, trailers=trailers
                 )
@@ -417,7 +421,10 @@ class Forwarder:
                 await write(chunk)
                 watchdog.cancel()
                 watchdog = None
-            await request.end(upstream.trailers if type(upstream) is H2Response else None)
+            trailers = upstream.trailers if type(upstream) is H2Response else None
+            if trailers is not None and request.grpc:
+                response.grpc_status = next((v for k, v in trailers if k == "grpc-status"), None)
+            await request.end(trailers)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             # Headers are gone already: the only honest answer is a broken connection,
             # never a clean-looking truncated body.

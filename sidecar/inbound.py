@@ -153,7 +153,9 @@ class Inbound:
                 # connection was reset under it
                 self._finished(request, ClientClosed.status, started, trace, None, caller)
                 raise
-        self._finished(request, response.status, started, trace, response.request_id, caller)
+        self._finished(
+            request, response.status, started, trace, response.request_id, caller, response.grpc_status
+        )
         return response
 
     def _admit(self, request: Request, caller: SpiffeId | None) -> None:
@@ -207,6 +209,7 @@ class Inbound:
         trace: tracing.TraceContext,
         rid: str | None,
         caller: SpiffeId | None,
+        grpc_status: str | None = None,
     ) -> None:
         self.observer.finished(
             "inbound",
@@ -218,4 +221,5 @@ class Inbound:
             instance=self.app_endpoint,
             request_id=rid or request.headers.get(REQUEST_ID),
             caller=caller.service if caller is not None else None,
+            grpc_status=grpc_status,
         )

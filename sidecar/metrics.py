@@ -90,6 +90,7 @@ class RequestStats:
         self.counts: dict[tuple[str, str, str, str], list[int]] = {}
         self.latency: dict[tuple[str, str], _Latency] = {}
         self.active: dict[tuple[str, str], _InFlight] = {}
+        self.grpc: dict[tuple[str, str, str], list[int]] = {}
 
     def counter(self, labels: tuple[str, str, str, str]) -> list[int]:
         cell = self.counts.get(labels)
@@ -135,9 +136,17 @@ class RequestStats:
         )
         for pair, gauge in list(self.active.items()):
             active.add_metric(pair, gauge.cell[0])
+        grpc = CounterMetricFamily(
+            "sidecar_grpc_requests",
+            "gRPC calls handled, by direction, service and grpc-status (none: ended without one).",
+            labels=["direction", "service", "grpc_status"],
+        )
+        for triple, cell in list(self.grpc.items()):
+            grpc.add_metric(triple, cell[0])
         yield requests
         yield latency
         yield active
+        yield grpc
 
 
 class Metrics:
@@ -232,6 +241,19 @@ class Metrics:
                 self._observed[key] = series
         series[0][0] += 1
         series[1].observe(seconds)
+
+    def observe_grpc(self, direction: str, service: str, grpc_status: str | None) -> None:
+        """Count one finished gRPC call by its status (0-16, or "none")."""
+        status = (
+            grpc_status
+            if grpc_status is not None and grpc_status.isdigit() and len(grpc_status) <= 2
+            else "none"
+        )
+        key = (direction, self.service_label(service), status)
+        cell = self.stats.grpc.get(key)
+        if cell is None:
+            cell = self.stats.grpc[key] = [0]
+        cell[0] += 1
 
     def in_flight(self, direction: str, service: str) -> _InFlight:
         """Counts a request as active for the duration of the `with` block."""

@@ -10,6 +10,8 @@ from .http.messages import Request
 from .metrics import Metrics
 from .tracing import FinishedSpan, SpanExporter, TraceContext
 
+_PROTOCOLS = {(2, 0): "HTTP/2", (1, 1): "HTTP/1.1", (1, 0): "HTTP/1.0"}
+
 
 class Observer:
     def __init__(self, metrics: Metrics, access_log: AccessLog, exporter: SpanExporter | None = None) -> None:
@@ -34,10 +36,15 @@ class Observer:
         request_id: str | None,
         attempts: int = 1,
         caller: str | None = None,
+        grpc_status: str | None = None,
     ) -> None:
-        """Record one request that `started` (monotonic seconds) and ended now with `status`."""
+        """Record one request that `started` (monotonic seconds) and ended now with `status`
+        (and, for a gRPC call, `grpc_status`: None when it ended without one)."""
         duration = time.monotonic() - started
         self.metrics.observe_request(direction, service, request.method, status, duration)
+        grpc = request.grpc
+        if grpc:
+            self.metrics.observe_grpc(direction, service, grpc_status)
         if self._logging:
             self.access_log.log(
                 direction=direction,
@@ -51,6 +58,8 @@ class Observer:
                 request_id=request_id,
                 trace_id=trace.trace_id,
                 caller=caller,
+                protocol=_PROTOCOLS.get(request.version, "HTTP/1.1"),
+                grpc_status=grpc_status if grpc else None,
             )
         if self.exporter is not None:
             end_ns = time.time_ns()
@@ -66,6 +75,8 @@ class Observer:
                         "http.response.status_code": status,
                         "sidecar.direction": direction,
                         "sidecar.attempts": attempts,
+                        "network.protocol.version": "2" if request.version == (2, 0) else "1.1",
+                        **({"rpc.grpc.status_code": int(grpc_status)} if grpc and grpc_status else {}),
                     },
                     error=status >= 500,
                 )

@@ -213,7 +213,7 @@ class Outbound:
                 # the client left: the listener cancelled the call and every attempt with it
                 self._finished(request, ClientClosed.status, started, trace, service, call)
                 raise
-        self._finished(request, response.status, started, trace, service, call)
+        self._finished(request, response.status, started, trace, service, call, response.grpc_status)
         return response
 
     def _finished(
@@ -224,6 +224,7 @@ class Outbound:
         trace: tracing.TraceContext,
         service: str,
         call: _Call,
+        grpc_status: str | None = None,
     ) -> None:
         self.observer.finished(
             "outbound",
@@ -235,6 +236,7 @@ class Outbound:
             instance=call.instance,
             request_id=call.request_id or request.headers.get(REQUEST_ID),
             attempts=call.attempts,
+            grpc_status=grpc_status,
         )
 
     async def _call(

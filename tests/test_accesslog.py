@@ -45,6 +45,8 @@ def test_json_line_has_every_field_and_no_query():
         "request_id": "req-1",
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "caller": None,
+        "protocol": "HTTP/1.1",
+        "grpc_status": None,
     }
     assert "s3cret" not in text and "token" not in text
 
@@ -84,7 +86,7 @@ def test_text_format():
     assert text == (
         "2023-11-14T22:13:20.123Z outbound GET /v1/items 200 12.346ms service=orders "
         "instance=orders-127.0.0.1-9001 attempts=2 request_id=req-1 "
-        "trace_id=4bf92f3577b34da6a3ce929d0e0e4736 caller=-\n"
+        "trace_id=4bf92f3577b34da6a3ce929d0e0e4736 caller=- protocol=HTTP/1.1 grpc_status=-\n"
     )
 
 

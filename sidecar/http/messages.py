@@ -59,7 +59,7 @@ class Response:
     """A whole answer (status, headers, body) for the server to send, or, with `sent`, the
     record of an answer the handler streamed itself."""
 
-    __slots__ = ("body", "close", "headers", "reason", "request_id", "sent", "status")
+    __slots__ = ("body", "close", "grpc_status", "headers", "reason", "request_id", "sent", "status")
 
     def __init__(
         self,
@@ -79,6 +79,7 @@ class Response:
         self.close = close
         self.request_id = request_id
         self.sent = sent
+        self.grpc_status: str | None = None  # a gRPC call's status, for the records
 
     def __repr__(self) -> str:
         return f"<Response {self.status}{' sent' if self.sent else ''}>"
