@@ -10,7 +10,8 @@
 #
 # It makes one unary call (SayHello) and one server-streaming call (SayHellos),
 # prints each reply as a JSON line on stdout and exits 0. When a call fails it
-# prints a JSON line with the gRPC status and exits with the status code (1-16).
+# prints a JSON line with the gRPC status and exits with the status code (1-16);
+# a usage error exits 64.
 #
 #   ruby grpc_client.rb                          # under its sidecar
 #   ruby grpc_client.rb --target 127.0.0.1:15001 # the sidecar's outbound port
@@ -108,10 +109,15 @@ def reply_line(call, reply, extra = {})
 end
 
 def main(argv)
-  options = parse_options(argv)
+  begin
+    options = parse_options(argv)
+  rescue OptionParser::ParseError => e
+    warn "grpc_client: #{e.message}"
+    return 64
+  end
   unless options[:target]
     warn "grpc_client: no target: run under micro-sidecar (MICRO_SIDECAR_OUTBOUND) or pass --target HOST:PORT"
-    return 2
+    return 64 # EX_USAGE, apart from the gRPC status codes
   end
   channel_args = {}
   channel_args["grpc.default_authority"] = options[:authority] if options[:authority]
