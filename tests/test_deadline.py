@@ -84,3 +84,23 @@ def test_header_value_rounds_down_and_never_goes_negative():
     d = Deadline(expires_at=NOW + 0.0019, budget=1.0, source="config")
     assert d.header_value(NOW) == "1"
     assert d.header_value(NOW + 10) == "0"
+
+
+def test_a_grpc_call_takes_its_deadline_from_grpc_timeout_and_passes_it_on_shrunk():
+    from sidecar.deadline import GRPC_TIMEOUT_HEADER
+
+    d = from_headers({"grpc-timeout": "1500m"}, 30.0, 100.0, grpc=True)
+    assert (d.budget, d.source) == (1.5, "caller")
+    out = d.outgoing_headers(100.5)
+    assert out[GRPC_TIMEOUT_HEADER] == "1S" and out["X-Sidecar-Deadline-Ms"] == "1000"
+    assert ("grpc-timeout", "250m") in d.app_headers(101.25)
+    # the previous hop's budget can only shorten it
+    d = from_headers({"grpc-timeout": "5S", "X-Sidecar-Deadline-Ms": "800"}, 30.0, 0.0, grpc=True)
+    assert (d.budget, d.source) == (0.8, "upstream")
+
+
+def test_a_grpc_call_without_grpc_timeout_has_no_deadline():
+    d = from_headers({}, 30.0, 0.0, grpc=True)
+    assert d.unbounded and d.timeout(10.0) is None and d.try_timeout(None, 10.0) is None
+    assert d.outgoing_headers(10.0) == {} and d.app_headers(10.0) == []
+    assert d.try_timeout(2.0, 10.0) == 2.0  # a per-try timeout still bounds an attempt

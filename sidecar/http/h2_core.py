@@ -179,7 +179,9 @@ class StreamBody:
         self._wake()
 
     def set_exception(self, exc: BaseException) -> None:
-        if self._eof and not self._chunks:
+        if self._eof:
+            # the body arrived whole: a reset after it (a server that answered before
+            # reading all of the request, then RST_STREAM NO_ERROR) does not unsay it
             return
         self._exc = exc
         self._release()
