@@ -8,6 +8,7 @@ naming the service by :authority. Sidecars talk mutual TLS (the default, permiss
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -74,6 +75,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         echoes = [echo_sidecar(app, "echo", registry) for app in apps]
         guarded = echo_sidecar(apps[0], "guarded", registry, "--allow-from", "nobody")
         plain_sidecar = Sidecar(plain.port, "--name", "plain", registry_path=registry)
+        plain_sidecar.wait_started()
+        # an h2c "app" that speaks plain HTTP: plain's own sidecar, which takes HTTP/2
+        bridge = Sidecar(
+            plain_sidecar.inbound_port, "--name", "bridge", "--app-protocol", "h2c", registry_path=registry
+        )
         upstream_port = free_port()
         caller = Sidecar(
             plain.port,
@@ -85,8 +91,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             f"echo={upstream_port}",
             registry_path=registry,
         )
-        procs += [*echoes, guarded, plain_sidecar, caller]
-        for sidecar in [*echoes, guarded, plain_sidecar, caller]:
+        procs += [*echoes, guarded, plain_sidecar, bridge, caller]
+        for sidecar in [*echoes, guarded, plain_sidecar, bridge, caller]:
             sidecar.wait_ready(30)
         stack = Stack(apps, echoes, caller, upstream_port, registry)
         # the caller sees all three instances before the tests start
@@ -231,8 +237,12 @@ def test_an_app_unavailable_answer_is_retried_within_the_budget(stack: Stack) ->
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert caught.value.details() == "app says no"  # the app's own answer, relayed
     after = [len(re.findall(r"unavailable \d+", a.output())) for a in stack.apps]
-    # the first try and --retries 2, each on another instance
+    # the first try and --retries 2, each on another instance, each told its attempt
     assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+    attempts = sorted(
+        int(m) for a in stack.apps for m in re.findall(r"unavailable \d+ previous=(\d+)", a.output())
+    )
+    assert attempts == [0, 1, 2]  # (only this test calls Unavailable)
 
 
 def test_a_dead_instance_is_stepped_over(stack: Stack) -> None:
@@ -279,6 +289,44 @@ def test_http2_requests_reach_an_http1_app(stack: Stack) -> None:
     body, _, status = out.rpartition("\n")
     assert status == "200 2"
     assert '"path": "/echo"' in body or "/echo" in body
+
+
+def test_http1_requests_reach_an_h2c_app(stack: Stack) -> None:
+    """HTTP/1.1 in, HTTP/2 to the app (--app-protocol h2c), body and all."""
+    out = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "--http1.1",
+            "-H",
+            "Host: bridge",
+            "--data-binary",
+            "x" * 100_000,
+            "-w",
+            "\n%{http_code} %{http_version}",
+            f"{stack.caller.outbound}/echo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    ).stdout
+    body, _, status = out.rpartition("\n")
+    assert status == "200 1.1"
+    seen = json.loads(body)
+    assert seen["app"] == "plain" and seen["method"] == "POST" and seen["body_len"] == 100_000
+
+
+def test_the_sidecars_deadline_is_deadline_exceeded_not_unavailable(stack: Stack) -> None:
+    """A deadline shorter than the client's own (here the previous hop's budget, which a
+    client may send too) ends the call at the sidecar with DEADLINE_EXCEEDED, naming it."""
+    with stack.channel() as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/test.Echo/Hang")(b"", timeout=10, metadata=[("x-sidecar-deadline-ms", "300")])
+    got, details, metadata = _status(caught.value)
+    assert got == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (
+        details.startswith("micro-sidecar caller:") and metadata.get("x-sidecar-error") == "upstream_timeout"
+    )
 
 
 def test_a_slow_reader_of_a_long_stream_does_not_grow_memory(stack: Stack) -> None:

@@ -81,7 +81,8 @@ def main() -> None:
     def unavailable(req: bytes, ctx: grpc.ServicerContext) -> bytes:
         with lock:
             counts["unavailable"] += 1
-            say(f"unavailable {counts['unavailable']}")
+            previous = dict(ctx.invocation_metadata()).get("grpc-previous-rpc-attempts", "0")
+            say(f"unavailable {counts['unavailable']} previous={previous}")
         ctx.abort(grpc.StatusCode.UNAVAILABLE, "app says no")
 
     handler = grpc.method_handlers_generic_handler(
