@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from . import h2_core
 from .client import ConnectTimeout, HeadTimeout, NotSent, PoolTimeout, split_endpoint
 from .h2_core import Outgoing, StreamBody
-from .tls import ClientTLS, PeerRejected, peer_certificate
+from .tls import ClientTLS, peer_certificate
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class H2ClientConnection(asyncio.Protocol):
         self._paused = False
         self._drain: list[asyncio.Future[None]] = []
         self.idle_since: float | None = None
+        # the peer's first SETTINGS (its stream limit among them): streams wait for it
+        self.settings: asyncio.Future[None] = self._loop.create_future()
 
     def __repr__(self) -> str:
         return f"<H2ClientConnection {self._pool.endpoint} streams={len(self.streams)}>"
@@ -90,6 +92,9 @@ class H2ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
+        if not self.settings.done():
+            self.settings.set_exception(ConnectionResetError(f"{self._pool.endpoint} closed the connection"))
+            self.settings.exception()
         for stream in list(self.streams.values()):
             self._fail(stream, ConnectionResetError(f"{self._pool.endpoint} closed the connection"))
         self.streams.clear()
@@ -166,6 +171,8 @@ class H2ClientConnection(asyncio.Protocol):
             self._pool.going_away(self)
             self._after_stream()
         elif kind is ev.RemoteSettingsChanged:
+            if not self.settings.done():
+                self.settings.set_result(None)
             self._pool.wake()
 
     # -- streams ------------------------------------------------------------------------
@@ -463,16 +470,22 @@ class H2Pool:
                     )
         except TimeoutError:
             raise ConnectTimeout() from None
-        if tls is not None:
-            conn.tls_generation = tls.generation
-            ssl_object = transport.get_extra_info("ssl_object")
-            try:
+        try:
+            if tls is not None:
+                conn.tls_generation = tls.generation
+                ssl_object = transport.get_extra_info("ssl_object")
                 tls.check_peer(peer_certificate(ssl_object))
                 if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
                     raise NoHttp2(f"{self.endpoint} did not agree to HTTP/2 (ALPN)")
-            except (PeerRejected, NoHttp2):
-                transport.abort()
-                raise
+            # its SETTINGS first: until then its stream limit is not known
+            async with asyncio.timeout_at(until):
+                await asyncio.shield(conn.settings)
+        except TimeoutError:
+            transport.abort()
+            raise ConnectTimeout() from None
+        except BaseException:
+            transport.abort()
+            raise
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -61,6 +61,15 @@ class MeshConnection(jh2.connection.H2Connection):
     later frame of those streams a protocol error)."""
 
     goaway_last_stream: int | None = None
+    # False on the server side: a stream over MAX_CONCURRENT_STREAMS is refused by the
+    # server (RST_STREAM REFUSED_STREAM, which a client may retry), where jh2 would end
+    # the whole connection for it
+    enforce_stream_limit = True
+
+    @property
+    def open_inbound_streams(self) -> int:
+        count: int = jh2.connection.H2Connection.open_inbound_streams.fget(self)
+        return count if self.enforce_stream_limit else 0
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         event = jh2.events.ConnectionTerminated()
@@ -89,6 +98,7 @@ def new_connection(client: bool, max_streams: int = 1000) -> MeshConnection:
     }
     if not client:
         settings[jh2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = max_streams
+        conn.enforce_stream_limit = False
     conn.local_settings = jh2.settings.Settings(client=client, initial_values=settings)
     conn.initiate_connection()
     conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)

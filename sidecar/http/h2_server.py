@@ -266,7 +266,8 @@ class H2ServerConnection(asyncio.Protocol):
         self.peer = peer
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._h2 = h2_core.new_connection(client=False, max_streams=server.limits.h2_max_streams)
+        self._max_streams = server.limits.h2_max_streams
+        self._h2 = h2_core.new_connection(client=False, max_streams=self._max_streams)
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()  # streams waiting for a window
         self._control = FloodGuard(CONTROL_LIMIT)
@@ -381,7 +382,8 @@ class H2ServerConnection(asyncio.Protocol):
     def _request(self, event: Any) -> None:
         stream_id = event.stream_id
         self._last_stream = max(self._last_stream, stream_id)
-        if (self._refusing_after is not None and stream_id > self._refusing_after) or self.transport is None:
+        refuse = self._refusing_after is not None and stream_id > self._refusing_after
+        if refuse or len(self._streams) >= self._max_streams or self.transport is None:
             self._h2.reset_stream(stream_id, h2_core.REFUSED_STREAM)
             return
         stream = _Stream(stream_id)
