@@ -390,6 +390,14 @@ def build_config(
         raise ConfigError("--app-protocol", f"{app_protocol!r} is not one of {', '.join(APP_PROTOCOLS)}")
     if health_grpc and app_protocol != "h2c":
         raise ConfigError("--health-grpc", "needs an HTTP/2 app (--app-protocol h2c)")
+    if app_protocol == "h2c" and health_path and not health_grpc:
+        # the HTTP probe speaks HTTP/1.1, which an h2c app does not: with the default
+        # path, probe by TCP connect instead; an explicit path cannot be honoured
+        if health_path != "/health":
+            raise ConfigError(
+                "--health-path", "an h2c app is probed with --health-grpc or by TCP (--health-path '')"
+            )
+        health_path = ""
     if health_grpc_service and not health_grpc:
         raise ConfigError("--health-grpc-service", "is only used with --health-grpc")
     if health_grpc_service and not re.fullmatch(r"[A-Za-z0-9_.]{1,200}", health_grpc_service):

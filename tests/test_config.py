@@ -43,3 +43,32 @@ def test_registry_path_default_under_runtime_dir(tmp_path):
     assert path == tmp_path / "micro-sidecar-ann" / "registry.sqlite3"
     fallback = default_registry_path({"XDG_RUNTIME_DIR": str(tmp_path / "missing"), "USER": "ann"})
     assert fallback.name == "registry.sqlite3" and "missing" not in str(fallback)
+
+
+def test_http2_and_grpc_options():
+    cfg = build_config(app_port=50051, app_protocol="h2c", health_grpc=True, upstreams=["orders=15101"])
+    assert cfg.app.protocol == "h2c" and cfg.app.health_grpc and cfg.listen.upstreams == (("orders", 15101),)
+    # an h2c app without --health-grpc is probed by TCP: the HTTP probe speaks HTTP/1.1
+    assert build_config(app_port=50051, app_protocol="h2c").app.health_path == ""
+    assert build_config(app_port=8080).app.protocol == "http1"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"app_protocol": "h3"}, "--app-protocol"),
+        ({"health_grpc": True}, "--health-grpc"),
+        ({"health_grpc_service": "x"}, "--health-grpc-service"),
+        ({"app_protocol": "h2c", "health_path": "/ping"}, "--health-path"),
+        ({"upstreams": ["orders"]}, "--upstream"),
+        ({"upstreams": ["Orders=1"]}, "--upstream"),
+        ({"upstreams": ["a=15101", "b=15101"]}, "--upstream"),
+        ({"upstreams": ["a=15001"]}, "--upstream"),  # the outbound listener's port
+        ({"upstreams": ["a=70000"]}, "--upstream"),
+        ({"h2_max_streams": 0}, "--h2-max-streams"),
+    ],
+)
+def test_bad_http2_and_grpc_options_name_their_flag(kwargs, flag):
+    with pytest.raises(ConfigError) as caught:
+        build_config(app_port=8080, **kwargs)
+    assert caught.value.flag == flag

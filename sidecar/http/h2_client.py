@@ -428,7 +428,11 @@ class H2Pool:
             if best is not None:
                 return best
             if self._connecting is not None:
-                await asyncio.wait_for(asyncio.shield(self._connecting), max(0.0, give_up - loop.time()))
+                try:
+                    async with asyncio.timeout_at(give_up):
+                        await asyncio.shield(self._connecting)
+                except TimeoutError:
+                    raise ConnectTimeout() from None
                 continue
             if len(self.connections) < self._max:
                 self._connecting = loop.create_future()
