@@ -1,7 +1,9 @@
 """Side-by-side benchmark of issues 7 and 13: direct, one sidecar, the mesh path in plaintext
-and over mutual TLS, and nginx doing the same hops.
+and over mutual TLS, and nginx doing the same hops; and, by name, the same for gRPC unary
+calls and plain HTTP/2 (the grpc-* and h2-* targets, driven by h2load).
 
     python bench/run.py [--quick] [--repeat N] [--duration S] [--json FILE] [--profile FILE]
+    python bench/run.py --targets http2 [--h2-conns 16x1,16x16]   # every gRPC and HTTP/2 row
 
 See bench/README.md for what each column means. Everything runs on loopback, every load
 run is bounded in time, and every process this starts is stopped on exit, error or Ctrl-C.
@@ -25,6 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from h2report import (
+    H2_TARGETS,
+    REPLY_PAYLOAD,
+    framed,
+    h2_ratio_table,
+    h2_ratios,
+    h2_table,
+    load_label,
+    parse_load,
+)
+from h2stack import GRPC_BACKENDS, run_h2_matrix, start_h2_stack
 from harness import (
     BIG,
     ROOT,
@@ -58,7 +71,10 @@ from stack import Stack, Target, start_stack
 from tls import client_for, measure_handshakes
 
 ALL_TARGETS = ["direct", "sidecar", "mesh", "mesh-mtls", "nginx", "nginx-2hop", "nginx-tls", "workers"]
+# The HTTP/2 rows (bench/h2stack.py) run only when named: `--targets http2` names them all.
+TARGET_GROUPS = {"http2": H2_TARGETS, "grpc": [t for t in H2_TARGETS if t.startswith("grpc-")]}
 PATHS = {"small": "/small", "download": "/10m", "upload": "/upload"}
+REPLY_MESSAGE = framed(REPLY_PAYLOAD)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +90,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds of load at a small cell's connection count before it is measured "
         "(default 2; 1 with --quick; 0: none, as before issue 13)",
     )
-    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
+    p.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help="subset of " + ",".join(ALL_TARGETS + H2_TARGETS) + " (default: the HTTP/1.1 ones); "
+        "`http2` names every gRPC and HTTP/2 row, `grpc` the gRPC ones",
+    )
+    p.add_argument(
+        "--h2-conns",
+        default="16x1,16x16",
+        help="h2load loads for the HTTP/2 rows: CLIENTSxSTREAMS (connections x concurrent streams each)",
+    )
+    p.add_argument(
+        "--grpc-backend",
+        choices=GRPC_BACKENDS,
+        default="auto",
+        help="the gRPC rows' backend: node (@grpc/grpc-js), python (grpcio); auto: node if found",
+    )
     p.add_argument("--proxy-core", type=int, default=0, help="core for the sidecars and nginx proxy")
     p.add_argument("--load-core", type=int, default=1, help="core for wrk (and this driver)")
     p.add_argument("--app-core", type=int, default=1, help="core for the upstream app")
@@ -104,7 +136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.cell_warmup is None:
         args.cell_warmup = 1 if args.quick else 2
     args.conns = [int(c) for c in args.conns.split(",") if c]
-    args.targets = [t for t in args.targets.split(",") if t]
+    args.targets = list(
+        dict.fromkeys(x for t in args.targets.split(",") if t for x in TARGET_GROUPS.get(t, [t]))
+    )
+    try:
+        args.h2_conns = parse_load(args.h2_conns)
+    except ValueError as exc:
+        p.error(f"--h2-conns: {exc}")
     if args.handshake_clients < 1:
         p.error("--handshake-clients must be at least 1")
     if args.workers < 2:
@@ -112,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.workers_cores = args.workers_cores or ",".join(
         str(c) for c in range(min(args.workers, os.cpu_count() or 1))
     )
-    unknown = set(args.targets) - set(ALL_TARGETS)
+    unknown = set(args.targets) - set(ALL_TARGETS) - set(H2_TARGETS)
     if unknown:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if args.profile_only and not args.profile:
@@ -149,6 +187,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "nginx": tool_version(["nginx", "-v"]),
         "wrk": tool_version(["wrk", "-v"]),
+        "h2load": tool_version(["h2load", "--version"]),
         "openssl": tool_version(["openssl", "version"]),  # nginx's and s_time's
         "python_ssl": ssl.OPENSSL_VERSION,  # the sidecars'
         "sidecar_commit": commit.stdout.strip() or "?",
@@ -363,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     # Also when started in the background of a non-interactive shell, which ignores SIGINT.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    ensure_debian_packages(["wrk", "nginx"])
+    http1 = [t for t in args.targets if t in ALL_TARGETS]
+    http2 = [t for t in args.targets if t in H2_TARGETS]
+    ensure_debian_packages(["wrk", "nginx", *(["nghttp2-client"] if http2 else [])])
     if not shutil.which("taskset"):
         print("taskset (util-linux) is required", file=sys.stderr)
         return 2
@@ -388,14 +429,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack = start_stack(
             harness,
-            args.targets,
+            http1,
             args.proxy_core,
             args.app_core,
             args.access_log,
             workers=args.workers,
             workers_cores=args.workers_cores,
         )
-        if not args.profile_only:
+        h2st = None
+        if http2 and not args.profile_only:
+            h2st = start_h2_stack(
+                harness,
+                http2,
+                stack.app,
+                stack.app_port,
+                args.proxy_core,
+                args.app_core,
+                args.grpc_backend,
+                args.access_log,
+            )
+        if not args.profile_only and stack.targets:
             result.update(run_matrix(harness, stack, args))
             if stack.tls:
                 result["handshakes"] = run_handshakes(harness, stack, args)
@@ -438,6 +491,36 @@ def main(argv: list[str] | None = None) -> int:
                     f"core {args.proxy_core} (wrk and the app on core {args.load_core}):"
                 )
                 print(scaling_table(med, args.conns, args.workers))
+        if h2st is not None:
+            print(
+                f"HTTP/2 rows: h2load -t1 on core {args.load_core}, gRPC backend {h2st.backend_kind or '-'} "
+                f"and app on core {args.app_core}, proxies on core {args.proxy_core}; loads "
+                f"{', '.join(load_label(*x) for x in args.h2_conns)} (clients x streams)",
+                flush=True,
+            )
+            h2 = run_h2_matrix(
+                harness,
+                h2st,
+                args.h2_conns,
+                duration=args.duration,
+                repeat=args.repeat,
+                cell_warmup=args.cell_warmup,
+                load_core=args.load_core,
+                app_on_load_core=args.app_core == args.load_core,
+            )
+            h2["ratios"] = h2_ratios(h2["medians"], args.h2_conns, h2["failed"])
+            result["h2"] = h2
+            names = list(h2st.targets) + [t for t in http2 if t not in h2st.targets]
+            print()
+            print(
+                f"gRPC unary calls (a {len(REPLY_MESSAGE)}-byte framed message each way) and HTTP/2 GETs "
+                f"of the {len(b'hello, world') + 1}-byte /small, h2load, medians of {args.repeat} run(s); "
+                "mean from h2load's summary, p50/p99/max from its per-request log:"
+            )
+            print(h2_table(h2["medians"], names, args.h2_conns, h2["failed"]))
+            print()
+            print("HTTP/2 ratios (same run; CPU = proxy us/call of all the row's proxy processes):")
+            print(h2_ratio_table(h2["ratios"]))
         if args.profile:
             print()
             result["profile"] = run_profile(harness, stack, args)

@@ -96,7 +96,7 @@ _PROXY_SERVER = """\
     keepalive_timeout 60s;
   }}
   server {{
-    listen 127.0.0.1:{port}{listen_ssl} backlog=1024;
+    listen 127.0.0.1:{port}{listen_opts} backlog=1024;
 {server_tls}    location / {{
       proxy_pass {scheme}://next_hop;
       proxy_http_version 1.1;
@@ -146,12 +146,20 @@ NGINX_BACK_NAME = "back.nginx-tls.bench"
 
 
 def _proxy_server(
-    port: int, next_port: int, *, server_tls: str = "", location_tls: str = "", https: bool = False
+    port: int,
+    next_port: int,
+    *,
+    server_tls: str = "",
+    location_tls: str = "",
+    https: bool = False,
+    http2: bool = False,
 ) -> str:
+    """`http2`: the listener takes HTTP/2 (h2c with prior knowledge without TLS), not HTTP/1.1:
+    the h2-nginx row (bench/h2stack.py). The upstream side stays HTTP/1.1."""
     return _PROXY_SERVER.format(
         port=port,
         next_port=next_port,
-        listen_ssl=" ssl" if server_tls else "",
+        listen_opts=(" ssl" if server_tls else "") + (" http2" if http2 else ""),
         server_tls=server_tls,
         scheme="https" if https else "http",
         location_tls=location_tls,
@@ -482,7 +490,9 @@ def _start_sidecar(
     access_log: bool,
     mtls: str,
     extra: list[str] | None = None,
+    health_path: str = "/health",
 ) -> Proc:
+    """`health_path` "": the sidecar probes its app by TCP connect (a gRPC app has no /health)."""
     inbound, outbound, admin = ports
     argv = [
         sys.executable,
@@ -503,7 +513,7 @@ def _start_sidecar(
         "--registry-path",
         str(registry),
         "--health-path",
-        "/health",
+        health_path,
         "--log-level",
         "warning",
         "--drain-delay",
