@@ -430,3 +430,35 @@ def test_a_draining_instance_loses_no_calls(stack: Stack) -> None:
     finally:
         sidecar.stop()
         app.stop()
+
+
+def test_overload_and_a_plaintext_caller_under_strict_mtls_are_grpc_statuses(stack: Stack) -> None:
+    strict = echo_sidecar(
+        stack.apps[1], "strictsvc", stack.registry, "--mtls", "strict", "--max-outstanding", "1"
+    )
+    try:
+        strict.wait_ready(30)
+        # a plaintext call to a strict sidecar's inbound port: UNAUTHENTICATED
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{strict.inbound_port}") as channel,
+            pytest.raises(grpc.RpcError) as c,
+        ):
+            channel.unary_unary("/test.Echo/Unary")(b"", timeout=10)
+        got, details, metadata = _status(c.value)
+        assert got == grpc.StatusCode.UNAUTHENTICATED and metadata.get("x-sidecar-error") == "mtls_required"
+        # more calls in flight than --max-outstanding: RESOURCE_EXHAUSTED at once
+        options = [("grpc.default_authority", "echo")]
+        with grpc.insecure_channel(f"127.0.0.1:{strict.outbound_port}", options=options) as channel:
+            hang = channel.unary_unary("/test.Echo/Hang").future(b"", timeout=20)
+            unary = channel.unary_unary("/test.Echo/Unary")
+            wait_for(lambda: not _try(lambda: unary(b"", timeout=5)), 10, what="the second call refused")
+            with pytest.raises(grpc.RpcError) as c:
+                unary(b"", timeout=5)
+            got, details, metadata = _status(c.value)
+            assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(
+                "micro-sidecar strictsvc:"
+            )
+            assert metadata.get("x-sidecar-error") == "service_overloaded"
+            hang.cancel()
+    finally:
+        strict.stop()
