@@ -69,6 +69,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.goaway: int | None = None  # last stream id the peer will process
         self.tls_generation = 0
         self._paused = False
+        self._flush_scheduled = False
         self._drain: list[asyncio.Future[None]] = []
         self.idle_since: float | None = None
         # the peer's first SETTINGS (its stream limit among them): streams wait for it
@@ -267,6 +268,7 @@ class H2ClientConnection(asyncio.Protocol):
         if not self.streams:
             self.idle_since = self._loop.time()
             if self.goaway is not None and self.transport is not None:
+                self._flush_now()
                 self.transport.close()
         self._pool.wake()
 
@@ -281,6 +283,14 @@ class H2ClientConnection(asyncio.Protocol):
             writer.cancel()
 
     def _flush(self) -> None:
+        """Send what the engine has, once per event-loop iteration: the frames of every
+        stream answered in one iteration go out in one write (one system call)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         data = self._h2.data_to_send()
         if data and self.transport is not None:
             self.transport.write(data)
@@ -289,7 +299,7 @@ class H2ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             try:
                 self._h2.close_connection()
-                self._flush()
+                self._flush_now()
             except h2_core.ProtocolError:
                 pass
             self.transport.close()

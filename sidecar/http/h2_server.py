@@ -273,6 +273,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._control = FloodGuard(CONTROL_LIMIT)
         self._resets = FloodGuard(RESET_LIMIT)
         self._paused = False
+        self._flush_scheduled = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._idle_since: float | None = None
         self._last_stream = 0
@@ -374,6 +375,7 @@ class H2ServerConnection(asyncio.Protocol):
         elif kind is ev.ConnectionTerminated:
             self.closing = True
             if not self._streams and self.transport is not None:
+                self._flush_now()
                 self.transport.close()
         elif kind in (ev.PingReceived, ev.RemoteSettingsChanged, ev.PriorityUpdated, ev.UnknownFrameReceived):
             if self._control.hit(self._loop.time()):
@@ -536,6 +538,14 @@ class H2ServerConnection(asyncio.Protocol):
         self._flush()
 
     def _flush(self) -> None:
+        """Send what the engine has, once per event-loop iteration: the frames of every
+        stream answered in one iteration go out in one write (one system call)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         data = self._h2.data_to_send()
         if data and self.transport is not None:
             self.transport.write(data)
@@ -562,7 +572,7 @@ class H2ServerConnection(asyncio.Protocol):
         if not self._streams:
             self._idle_since = self._loop.time()
             if self.closing and self.transport is not None:
-                self._flush()
+                self._flush_now()
                 self.transport.close()
 
     def _lost(self, stream: _Stream, exc: BaseException) -> None:
@@ -628,6 +638,7 @@ class H2ServerConnection(asyncio.Protocol):
         if self.transport is None:
             return
         self._refusing_after = self._last_stream
+        self._flush_now()
         self.transport.write(h2_core.goaway_frame(self._last_stream))
         if not self._streams:
             self.transport.close()
@@ -646,7 +657,7 @@ class H2ServerConnection(asyncio.Protocol):
                 self.reset(stream, h2_core.CANCEL)
             if stream.task is not None:
                 stream.task.cancel()
-        self._flush()
+        self._flush_now()
         if self.transport is not None:
             self.transport.close()
 
