@@ -106,6 +106,18 @@ def new_connection(client: bool, max_streams: int = 1000) -> MeshConnection:
     return conn
 
 
+def pending_frame_too_large(conn: MeshConnection) -> bool:
+    """Whether the bytes jh2 holds back, waiting for the rest of a frame, are already more
+    than a frame may be: its header announced an oversized frame."""
+    buffer = conn.incoming_buffer
+    return len(buffer._data) - buffer._data_offset > MAX_FRAME + 9
+
+
+def goaway_queued(conn: MeshConnection) -> bool:
+    """Whether jh2 ended the connection itself (it queued its GOAWAY)."""
+    return bool(conn.state_machine.state == jh2.connection.ConnectionState.CLOSED)
+
+
 def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
     """A GOAWAY frame written beside the engine, which stays open for the streams that
     may still finish (see MeshConnection for the receiving side)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from ..errors import SidecarError, error_response
 from . import h2_core
 from .grpc import Status, encode_message, is_grpc
 from .h2_core import FloodGuard, Outgoing, StreamBody
+from .headers import HOST_RE
 from .messages import Response
 from .tls import PeerCertificate
 
@@ -49,6 +51,9 @@ HTTP2 = HttpVersion(2, 0)
 CONTROL_LIMIT = 2000
 # Streams a client may reset before their answer, per 10 s window (rapid reset).
 RESET_LIMIT = 1000
+# The preface and the 9-byte header of the first frame, which must be SETTINGS (type 4).
+PREFACE_AND_HEADER = 24 + 9
+SETTINGS_FRAME = 4
 # After the first GOAWAY of a drain, how long clients get to stop opening streams.
 GOAWAY_SETTLE = 0.2
 _EMPTY = CIMultiDictProxy(CIMultiDict[str]())
@@ -279,6 +284,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._last_stream = 0
         self._goaway_sent = False
         self._refusing_after: int | None = None  # streams above this id are refused
+        self._opening: bytearray | None = bytearray()  # until the first frame header is seen
         self.closing = False
 
     def __repr__(self) -> str:
@@ -320,10 +326,17 @@ class H2ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
+        if self._opening is not None and not self._first_frame(data):
+            return
         try:
             received = self._h2.receive_data(data)
         except h2_core.ProtocolError as exc:
             self._protocol_error(exc)
+            return
+        if h2_core.pending_frame_too_large(self._h2):
+            # a frame header announcing more than MAX_FRAME: refused now, not once its
+            # payload (up to 16 MiB) has been buffered
+            self._goaway_and_close(h2_core.ErrorCodes.FRAME_SIZE_ERROR)
             return
         try:
             for event in received:
@@ -334,6 +347,21 @@ class H2ServerConnection(asyncio.Protocol):
         self._flush()
 
     # -- events --------------------------------------------------------------------------
+
+    def _first_frame(self, data: bytes) -> bool:
+        """The preface must be followed by a SETTINGS frame (RFC 9113 section 3.4):
+        anything else is a connection error, said at once."""
+        opening = self._opening
+        assert opening is not None
+        opening += data[: PREFACE_AND_HEADER - len(opening)]
+        if len(opening) < PREFACE_AND_HEADER:
+            return True
+        self._opening = None
+        if opening[len(h2_core.PREFACE) + 3] != SETTINGS_FRAME:
+            log.debug("HTTP/2 client %s did not start with SETTINGS", self.remote)
+            self._goaway_and_close(h2_core.PROTOCOL_ERROR)
+            return False
+        return True
 
     def _event(self, event: Any) -> None:
         ev = h2_core.events
@@ -362,6 +390,8 @@ class H2ServerConnection(asyncio.Protocol):
                 self._lost(stream, ConnectionResetError("the client reset the stream"))
         elif kind is ev.WindowUpdated:
             if event.stream_id == 0:
+                if not self._blocked and self._control.hit(self._loop.time()):
+                    self._calm("window updates")
                 for stream_id in list(self._blocked):
                     self._flush_stream(stream_id)
             elif event.stream_id in self._blocked:
@@ -585,12 +615,10 @@ class H2ServerConnection(asyncio.Protocol):
 
     def _protocol_error(self, exc: BaseException) -> None:
         log.debug("HTTP/2 protocol error from %s: %s", self.remote, exc)
-        code = h2_core.PROTOCOL_ERROR
-        if isinstance(exc, h2_core.exceptions.FlowControlError):
-            code = h2_core.ErrorCodes.FLOW_CONTROL_ERROR
-        elif isinstance(exc, h2_core.exceptions.DenialOfServiceError):
-            code = h2_core.ENHANCE_YOUR_CALM
-        self._goaway_and_close(code)
+        if h2_core.goaway_queued(self._h2):  # jh2 said it already, with its own code
+            self._goaway_and_close(None)
+            return
+        self._goaway_and_close(int(getattr(exc, "error_code", h2_core.PROTOCOL_ERROR)))
 
     def _calm(self, what: str) -> None:
         log.warning("closing the HTTP/2 connection of %s: too many %s (a flood)", self.remote, what)
@@ -598,12 +626,14 @@ class H2ServerConnection(asyncio.Protocol):
         self._goaway_and_close(h2_core.ENHANCE_YOUR_CALM)
         raise h2_core.exceptions.ProtocolError("flood")  # stops the event loop of data_received
 
-    def _goaway_and_close(self, code: int) -> None:
+    def _goaway_and_close(self, code: int | None) -> None:
+        """GOAWAY with `code` (None: the one jh2 queued) and close."""
         transport = self.transport
         if transport is None:
             return
         self.closing = True
-        transport.write(self._h2.data_to_send() + h2_core.goaway_frame(self._last_stream, code))
+        tail = b"" if code is None else h2_core.goaway_frame(self._last_stream, code)
+        transport.write(self._h2.data_to_send() + tail)
         for stream in list(self._streams.values()):
             self._lost(stream, ConnectionResetError("the connection closed"))
         self._streams.clear()
@@ -682,13 +712,41 @@ class H2ServerConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+# RFC 9113 section 8.2.1 and RFC 9110 section 5: field names are lower-case tokens, and
+# values hold no NUL, CR or LF (nor, as on the HTTP/1.1 listener, other controls but
+# HTAB). A name or value outside these would reach an HTTP/1.1 app as something else.
+_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_PATH = re.compile(r"[\x00-\x20\x7f#]")
+
+
 def check_h2_request(request: H2Request) -> None:
-    """What jh2 lets through but a proxy must not pass on. Raises SidecarError."""
+    """What jh2 lets through but a proxy must not pass on: a malformed request (RFC 9113
+    section 8.1.1) is answered 400 and never forwarded. Raises SidecarError."""
     from ..errors import BadRequest, MethodNotAllowed
 
-    if request.method == "CONNECT":
+    method = request.method
+    if not _METHOD.fullmatch(method):
+        raise BadRequest("the :method is not a token")
+    if method == "CONNECT":
         raise MethodNotAllowed("CONNECT is not supported: the sidecar is not a tunnel")
-    if not request.raw_path.startswith("/") and not (request.raw_path == "*" and request.method == "OPTIONS"):
+    path = request.raw_path
+    if not path.startswith("/") and not (path == "*" and method == "OPTIONS"):
         raise BadRequest("the :path must be an origin-form path")
-    if "Host" not in request.headers:
+    if _BAD_PATH.search(path):
+        raise BadRequest("the :path holds a space, a control character or a fragment")
+    headers = request.headers
+    # (jh2 refused upper-case names already; "Host" is ours, from :authority)
+    if not all(_NAME.fullmatch(name.lower()) for name in headers):
+        raise BadRequest("a header name is not a token")
+    if _BAD_VALUE.search("\t".join(headers.values())):
+        raise BadRequest("a header value holds a control character")
+    host = headers.get("Host")
+    if host is None:
         raise BadRequest("an HTTP/2 request needs :authority or Host")
+    if not HOST_RE.match(host):
+        raise BadRequest("the :authority is malformed")
+    length = headers.get("content-length")
+    if length is not None and (not length.isdigit() or (not request.body_exists and length != "0")):
+        raise BadRequest("the content-length disagrees with the request's body")

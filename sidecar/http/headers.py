@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .messages import Headers, Request, http_date
+
+# A Host header (or :authority): a host name, IPv4 or bracketed IPv6 address, and a port.
+HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
 
 HOP_BY_HOP = frozenset(
     h.lower()

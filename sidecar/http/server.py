@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +51,7 @@ from ..errors import (
 )
 from .h2_core import PREFACE
 from .h2_server import H2ServerConnection
-from .headers import only_chunked
+from .headers import HOST_RE, only_chunked
 from .messages import Request, Response, reason_phrase
 from .tls import PeerCertificate, peer_certificate
 
@@ -66,8 +65,6 @@ MAX_HEADERS = 100
 MAX_HEADER_BLOCK = 32 * 1024
 READ_BUFSIZE = 2**16
 CHUNK = 64 * 1024
-
-_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{1,5})?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +104,7 @@ def check_request(request: Request) -> None:
         raise BadRequest("more than one Host header")
     if version == (1, 1) and not hosts:
         raise BadRequest("an HTTP/1.1 request needs a Host header")
-    if hosts and not _HOST_RE.match(hosts[0]):
+    if hosts and not HOST_RE.match(hosts[0]):
         raise BadRequest("the Host header is malformed")
     target = request.raw_path
     if "#" in target:
@@ -361,6 +358,11 @@ class ClientConnection(BaseProtocol):
         if self._buffer_paused and len(self._queue) <= MAX_PIPELINED // 2 and not self._upgraded:
             self._resume_reading_for_buffer()
         request = self._request = Request(self, message, payload)
+        if message.upgrade and request.headers.get("Upgrade", "").lower() != "websocket":
+            # An upgrade we never make (h2c, say): the parser keeps no bytes after such a
+            # request, so a request pipelined behind it would be lost; closing after the
+            # answer tells the client to send it again.
+            request.close = True
         self._task = self._loop.create_task(self._serve(request))
 
     async def _serve(self, request: Request) -> None:
