@@ -111,6 +111,12 @@ class Forwarder:
         return f"<Forwarder active={self.active} open={self._pools is not None}>"
 
     @property
+    def h2_streams(self) -> int:
+        """HTTP/2 streams open to upstreams (a stream lives from its request to the end of
+        both directions)."""
+        return sum(len(conn.streams) for pool in self._h2_pools.values() for conn in pool.connections)
+
+    @property
     def active(self) -> int:
         """Requests between open() and the end of their relay (or their failure)."""
         return sum(self._in_flight.values())

@@ -273,6 +273,8 @@ class Sidecar:
                 "outbound": self.outbound.requests,
                 "inbound_active": self.inbound_forwarder.active,
                 "outbound_active": self.outbound_forwarder.active,
+                "inbound_h2_streams": self.inbound_forwarder.h2_streams,
+                "outbound_h2_streams": self.outbound_forwarder.h2_streams,
             },
         }
 

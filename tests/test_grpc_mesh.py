@@ -163,6 +163,24 @@ def test_one_client_connection_is_balanced_over_every_instance(stack: Stack) -> 
     assert min(counts.values()) >= 5, counts
 
 
+def test_no_upstream_stream_outlives_its_call(stack: Stack) -> None:
+    """Many concurrent calls, then none open: a finished stream frees its slot even when
+    its answer arrived whole before the relay read it (a leak once filled every
+    connection and the calls waited for a free stream until their deadline)."""
+    with stack.channel() as channel:
+        unary = channel.unary_unary("/test.Echo/Unary")
+        futures = [unary.future(b"c" * 100, timeout=20) for _ in range(400)]
+        assert all(f.result().endswith(b"c" * 100) for f in futures)
+        list(channel.unary_stream("/test.Echo/Stream")(b"20,1000,0", timeout=20))
+
+    def settled() -> bool:
+        caller = stack.caller.status()["requests"]["outbound_h2_streams"]
+        echoes = [e.status()["requests"]["inbound_h2_streams"] for e in stack.echoes]
+        return caller == 0 and echoes == [0, 0, 0]
+
+    wait_for(settled, 5, what="no HTTP/2 stream left open to an upstream")
+
+
 def test_grpc_timeout_is_the_deadline_and_reaches_the_app_shrunk(stack: Stack) -> None:
     with stack.channel() as channel:
         left = float(channel.unary_unary("/test.Echo/Deadline")(b"", timeout=3))

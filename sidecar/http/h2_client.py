@@ -258,8 +258,9 @@ class H2ClientConnection(asyncio.Protocol):
         self._after_stream()
 
     def _maybe_done(self, stream: _Stream) -> None:
-        """Both directions ended: the stream's slot is free."""
-        if stream.body.is_eof() and stream.out.end and not stream.out.data and stream.id in self.streams:
+        """Both directions ended: the stream's slot is free (what it received may still
+        wait in its body for the relay)."""
+        if stream.body.ended and stream.out.end and not stream.out.data and stream.id in self.streams:
             self.streams.pop(stream.id, None)
             self._blocked.discard(stream.id)
             self._after_stream()
@@ -341,7 +342,7 @@ class H2Response:
     def release(self) -> None:
         """The relay is done: a stream not ended both ways is cancelled."""
         stream = self._stream
-        if not (stream.body.is_eof() and stream.out.end and not stream.out.data):
+        if not (stream.body.ended and stream.out.end and not stream.out.data):
             self._conn.reset(stream)
 
     def close(self) -> None:

@@ -188,6 +188,11 @@ class StreamBody:
     def buffered(self) -> int:
         return self._size
 
+    @property
+    def ended(self) -> bool:
+        """The peer ended its side (read or not: what it sent is all here)."""
+        return self._eof
+
     def feed_data(self, data: bytes, flow_length: int) -> None:
         if self._eof or self._exc is not None:
             self._ack(flow_length)  # nobody will read it: keep the connection window open

@@ -87,6 +87,10 @@ class _Empty:
     def buffered(self) -> int:
         return 0
 
+    @property
+    def ended(self) -> bool:
+        return True
+
 
 _NO_BODY = _Empty()
 
@@ -588,7 +592,7 @@ class H2ServerConnection(asyncio.Protocol):
             stream.closed = True
             self._streams.pop(stream.id, None)
             self._blocked.discard(stream.id)
-            if not stream.body.is_eof():
+            if not stream.body.ended:
                 # answered before the body ended: stop the client sending it
                 try:
                     self._h2.reset_stream(stream.id, h2_core.NO_ERROR)
