@@ -243,8 +243,9 @@ def cell_failure(m: dict[str, Any]) -> str | None:
 def h2_table(
     med: dict[str, dict[str, Any]], targets: list[str], loads: list[tuple[int, int]], failed: dict[str, str]
 ) -> str:
-    """One row per load and target; a target that failed its checks (`failed`: why) or a cell
-    whose calls failed shows FAILED instead of numbers, the reasons under the table."""
+    """One row per load and target. A cell whose calls failed, or of a target that failed
+    before it (`failed`: why), shows FAILED instead of a rate or per-call numbers; a clean
+    cell of a target that failed later is marked *; the reasons go under the table."""
     headers = [
         "load/target",
         "calls/s",
@@ -264,28 +265,36 @@ def h2_table(
     for t in targets:
         if t in failed:
             notes.append(f"FAILED {t}: {failed[t]}")
+    later = False
     for clients, streams in loads:
         label = load_label(clients, streams)
         for t in targets:
-            name = f"{label:>5} {t}"
             m = med.get(f"h2/{t}/{label}")
-            if t in failed or not m:
+            # a target that failed after this cell: the cell's own calls all succeeded
+            mark = "*" if t in failed and m and not cell_failure(m) else ""
+            later = later or bool(mark)
+            name = f"{label:>5} {t}{mark}"
+            if not m:
                 if t in failed:
                     rows.append([name, "FAILED", *["-"] * (len(headers) - 2)])
                 continue
             why = cell_failure(m)
-            if why:
+            if why and not failed.get(t, "").startswith(f"h2/{t}/{label}:"):  # not said twice
                 notes.append(f"FAILED {label} {t}: {why}")
+
+            def per_call(value: Any, digits: int = 1, why: str | None = why) -> str:
+                return "-" if why else fmt(value, digits)
+
             rows.append(
                 [
                     name,
                     "FAILED" if why else fmt(m["rps"]),
-                    fmt(m["mean_ms"], 2),
-                    fmt(m["p50_ms"], 2),
-                    fmt(m["p99_ms"], 2),
-                    fmt(m["max_ms"], 1),
-                    fmt(m["cpu_us"]),
-                    fmt(m["app_cpu_us"]),
+                    per_call(m["mean_ms"], 2),
+                    per_call(m["p50_ms"], 2),
+                    per_call(m["p99_ms"], 2),
+                    per_call(m["max_ms"], 1),
+                    per_call(m["cpu_us"]),
+                    per_call(m["app_cpu_us"]),
                     fmt(m["errors"], 0),
                     fmt(m["reply_bytes"], 1),
                     fmt(m["load_core_pct"], 0),
@@ -293,6 +302,8 @@ def h2_table(
                     fmt(m["others_pct"], 0),
                 ]
             )
+    if later:
+        notes.append("* the target FAILED after this cell; the cell's own calls were all answered")
     return "\n".join([table(headers, rows), *notes])
 
 
@@ -311,8 +322,9 @@ def h2_ratios(
     med: dict[str, dict[str, Any]], loads: list[tuple[int, int]], failed: dict[str, str]
 ) -> list[dict[str, Any]]:
     """One row per load and metric: each ratio of RATIOS from the same run (None where a
-    side was not measured or failed), and the issue's verdict on gRPC CPU per call through
-    one sidecar against nginx grpc_pass (at most GRPC_CPU_TARGET x)."""
+    side was not measured or its cell's calls failed), and the issue's verdict on gRPC CPU
+    per call through one sidecar against nginx grpc_pass (at most GRPC_CPU_TARGET x): FAIL
+    whenever grpc-sidecar's calls failed, in that cell or later, whatever the ratio."""
     out = []
     for clients, streams in loads:
         label = load_label(clients, streams)
@@ -320,7 +332,7 @@ def h2_ratios(
 
             def value(target: str, key: str = key, label: str = label) -> float | None:
                 cell = med.get(f"h2/{target}/{label}", {})
-                if target in failed or not cell or cell_failure(cell):
+                if not cell or cell_failure(cell):  # a clean cell of a target that failed later counts
                     return None
                 v = cell.get(key)
                 return float(v) if isinstance(v, int | float) else None

@@ -41,6 +41,7 @@ from h2report import (
     REPLY_PAYLOAD,
     REQUEST_PAYLOAD,
     UNARY_PATH,
+    cell_failure,
     framed,
     grpc_proxy_server,
     h2load_argv,
@@ -565,7 +566,8 @@ def run_h2_matrix(
 ) -> dict[str, Any]:
     """Every load (clients x streams) against every target, `repeat` times, cells interleaved
     by target; each target checked (check_grpc / check_h2) before the first cell and after
-    the last. A target whose check fails, or whose processes die, is marked failed."""
+    the last. A target whose check fails, whose processes die, or whose cell had failed calls
+    (h2report.cell_failure) is marked failed and not measured further."""
     for name, target in st.targets.items():
         if name in st.failed:
             continue
@@ -595,8 +597,11 @@ def run_h2_matrix(
                     print(f"[{rep + 1}/{repeat}] {key:<26} FAILED: {exc}", flush=True)
                     continue
                 dead = _dead(t.procs)
+                why = cell_failure(row)
                 if dead:
                     st.failed[t.name] = f"{dead.name} died during {key}: {dead.log_tail(5)}"
+                elif why:  # no later cell of it: a proxy that failed calls is not measured on
+                    st.failed[t.name] = f"{key}: {why}"
                 runs.setdefault(key, []).append(row)
                 print(f"[{rep + 1}/{repeat}] {key:<26} {describe(row)}", flush=True)
                 time.sleep(1)

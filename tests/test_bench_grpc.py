@@ -250,15 +250,24 @@ def test_failed_rows_report_no_rate():
     failed = {"grpc-mesh": "check after the run: grpc-status UNAVAILABLE: GOAWAY"}
     rows = h2_ratios(med, [(16, 1)], failed)
     assert rows[0]["ratios"]["grpc-sidecar/nginx"] is None
-    assert rows[0]["ratios"]["grpc-mesh/nginx"] is None
+    assert rows[0]["ratios"]["grpc-mesh/nginx"] == 17.5  # its cell was clean: it failed later
     assert rows[0]["verdict"] == "FAIL (calls failed)"
-    text = h2_table(med, ["grpc-nginx", "grpc-sidecar", "grpc-mesh"], [(16, 1)], failed)
+    assert h2_ratios(med, [(16, 16)], {"grpc-sidecar": "did not start"})[0]["verdict"] == (
+        "FAIL (calls failed)"
+    )
+    text = h2_table(med, ["grpc-nginx", "grpc-sidecar", "grpc-mesh", "grpc-mesh-mtls"], [(16, 1)], failed)
     lines = text.splitlines()
     assert "8,000" in next(line for line in lines if "grpc-nginx" in line)
-    sidecar = next(line for line in lines if line.startswith(" 16x1 grpc-sidecar"))
-    assert sidecar.split()[2] == "FAILED"
+    sidecar = next(line for line in lines if line.startswith(" 16x1 grpc-sidecar "))
+    assert sidecar.split()[2:8] == ["FAILED", "-", "-", "-", "-", "-"]  # no rate, no per-call numbers
+    mesh = next(line for line in lines if line.startswith(" 16x1 grpc-mesh*"))
+    assert mesh.split()[2] == "1,000"
     assert "FAILED 16x1 grpc-sidecar: 100 of 100 calls failed" in lines
     assert "FAILED grpc-mesh: check after the run: grpc-status UNAVAILABLE: GOAWAY" in lines
+    assert any(line.startswith("* the target FAILED after this cell") for line in lines)
+    failed["grpc-mesh-mtls"] = "did not start: sidecar-a-mtls exited 1"
+    text = h2_table(med, ["grpc-mesh-mtls"], [(16, 1)], failed)
+    assert text.splitlines()[2].split()[2] == "FAILED"
 
 
 @pytest.mark.parametrize("name", ["h2", "jh2"])
