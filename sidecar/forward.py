@@ -49,6 +49,7 @@ from .http.client import (
     request_head,
 )
 from .http.h2_client import H2Pool, H2Response, NoHttp2
+from .http.h2_core import StreamBody
 from .http.headers import REQUEST_ID, only_chunked, request_headers, response_headers
 from .http.messages import Request, Response
 from .http.tls import ClientTLS, PeerRejected
@@ -331,8 +332,11 @@ class Forwarder:
             raise ForwardError("connect_failure", refused) from exc
         authority = headers.get("Host") or endpoint
         try:
+            # a body already here whole (a gRPC unary request, usually) goes out with the head
+            whole = body.take_whole() if isinstance(body, LimitedBody) else None
+            items = headers.items()
             return await pool.exchange(
-                conn, method, authority, path, headers.items(), body, deadline, te_trailers=te
+                conn, method, authority, path, items, body, deadline, te_trailers=te, whole=whole
             )
         except NotSent as exc:
             raise ForwardError("unsent", UpstreamConnectError(f"{endpoint}: {exc}")) from exc
@@ -485,7 +489,7 @@ class LimitedBody:
 
     __slots__ = ("_content", "_limit", "_timeout", "client_left", "exceeded", "sent", "timed_out")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int, timeout: float = 30.0) -> None:
+    def __init__(self, content: aiohttp.StreamReader | StreamBody, limit: int, timeout: float = 30.0) -> None:
         self._content = content
         self._limit = limit
         self._timeout = timeout
@@ -508,9 +512,13 @@ class LimitedBody:
 
     async def read(self) -> bytes:
         """The next chunk, b"" at the end. Raises the SidecarError of `broken()`."""
+        content = self._content
         try:
-            async with asyncio.timeout(self._timeout):
-                chunk = await self._content.readany()
+            if type(content) is StreamBody and (content.buffered or content.ended):
+                chunk = await content.readany()  # at once: no timer needed
+            else:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await content.readany()
         except TimeoutError:
             self.timed_out = True
             raise RequestTimeout(f"no request body bytes for {self._timeout:g}s") from None
@@ -525,6 +533,19 @@ class LimitedBody:
                 self.exceeded = True
                 raise PayloadTooLarge(f"request body over the {self._limit}-byte limit")
         return chunk
+
+    def take_whole(self) -> bytes | None:
+        """All of the body at once when the client sent all of it already (an HTTP/2
+        stream that ended), else None (then read it chunk by chunk). Raises PayloadTooLarge."""
+        content = self._content
+        if type(content) is not StreamBody or not content.ended or self.sent:
+            return None
+        data = content.read_nowait()
+        self.sent = len(data)
+        if self.sent > self._limit:
+            self.exceeded = True
+            raise PayloadTooLarge(f"request body over the {self._limit}-byte limit")
+        return data
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()

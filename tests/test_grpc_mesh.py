@@ -469,7 +469,12 @@ def test_overload_and_a_plaintext_caller_under_strict_mtls_are_grpc_statuses(sta
         with grpc.insecure_channel(f"127.0.0.1:{strict.outbound_port}", options=options) as channel:
             hang = channel.unary_unary("/test.Echo/Hang").future(b"", timeout=20)
             unary = channel.unary_unary("/test.Echo/Unary")
-            wait_for(lambda: not _try(lambda: unary(b"", timeout=5)), 10, what="the second call refused")
+
+            def outstanding() -> int:
+                entry = strict.status()["upstreams"].get("echo")
+                return entry.get("outstanding", 0) if isinstance(entry, dict) else 0
+
+            wait_for(lambda: outstanding() == 1, 10, what=f"the first call in flight ({hang.done()})")
             with pytest.raises(grpc.RpcError) as c:
                 unary(b"", timeout=5)
             got, details, metadata = _status(c.value)

@@ -217,6 +217,15 @@ class H2ClientConnection(asyncio.Protocol):
             self._drain.append(waiter)
             await waiter
 
+    def send_whole(self, stream: _Stream, data: bytes) -> None:
+        """The whole request body and its end, sent as the windows allow."""
+        out = stream.out
+        if data:
+            out.data.append(data)
+            out.size += len(data)
+        out.end = True
+        self.flush_stream(stream.id)
+
     def flush_stream(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -392,14 +401,18 @@ class H2Pool:
         deadline: float | None,
         *,
         te_trailers: bool = False,
+        whole: bytes | None = None,
     ) -> H2Response:
         """Open a stream on `conn` (from `connection`), send the request, wait (until the
         loop time `deadline`) for the response head. Raises NotSent, HeadTimeout,
-        StreamReset (a ConnectionResetError), or what the request body raised."""
+        StreamReset (a ConnectionResetError), or what the request body raised. `whole`:
+        a body that is all here already, sent at once (no task to stream it)."""
         scheme = "http" if self.tls is None else "https"
         fields = h2_core.to_h2(method, scheme, authority, path, headers, te_trailers)
-        stream = conn.open_stream(fields, end=body is None)
-        if body is not None:
+        stream = conn.open_stream(fields, end=body is None and whole is None)
+        if whole is not None:
+            conn.send_whole(stream, whole)
+        elif body is not None:
             stream.writer = self.loop.create_task(_send_body(conn, stream, body))
         timer = None if deadline is None else self.loop.call_at(deadline, _head_timeout, stream)
         try:
