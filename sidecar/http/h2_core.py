@@ -145,13 +145,27 @@ def to_h2(
     return out
 
 
+# Header names as HTTP/2 writes them (lower-cased bytes; None: never sent), by name.
+_FIELD_NAMES: dict[str, bytes | None] = {}
+
+
+def _field_name(name: str) -> bytes | None:
+    lowered = name.lower()
+    field = None if lowered in _NOT_IN_H2 else lowered.encode("ascii", "replace")
+    if len(_FIELD_NAMES) < 4096:
+        _FIELD_NAMES[name] = field
+    return field
+
+
 def response_fields(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """Header fields for HTTP/2: lower-case names, no connection-specific ones."""
-    return [
-        (lowered.encode("ascii", "replace"), value.encode("utf-8", "surrogateescape"))
-        for name, value in headers
-        if (lowered := name.lower()) not in _NOT_IN_H2
-    ]
+    names = _FIELD_NAMES
+    out = []
+    for name, value in headers:
+        field = names[name] if name in names else _field_name(name)
+        if field is not None:
+            out.append((field, value.encode("utf-8", "surrogateescape")))
+    return out
 
 
 def decode_fields(fields: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], list[tuple[str, str]]]:
