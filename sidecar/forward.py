@@ -200,7 +200,15 @@ class Forwarder:
         # per attempt.
         try:
             upstream = await self.open(
-                request.method, endpoint, path, headers, body, timeout, tls, protocol, te_trailers(request)
+                request.method,
+                endpoint,
+                path,
+                headers,
+                body,
+                timeout,
+                tls,
+                protocol,
+                protocol == "h2" and te_trailers(request),
             )
         except ForwardError as err:
             raise err.error from err

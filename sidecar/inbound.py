@@ -25,6 +25,7 @@ import time
 
 from . import tracing
 from .config import AppProtocol, MtlsMode
+from .deadline import TIMEOUT_HEADER
 from .deadline import from_headers as deadline_from
 from .discovery import PANIC_HEADER
 from .errors import (
@@ -121,7 +122,10 @@ class Inbound:
                         f"app {self.name!r} speaks HTTP/1.1 and gRPC needs HTTP/2: "
                         "start its sidecar with --app-protocol h2c"
                     )
-                extra = [*trace.headers().items(), *deadline.app_headers(started)]
+                if request.grpc:
+                    extra = [*trace.headers().items(), *deadline.app_headers(started)]
+                else:
+                    extra = [*trace.headers().items(), (TIMEOUT_HEADER, deadline.header_value(started))]
                 if caller is not None:
                     extra += self._caller_headers(caller, xfcc)
                 if is_upgrade(request):
@@ -143,7 +147,7 @@ class Inbound:
                         self.app_endpoint,
                         path,
                         extra_headers=extra,
-                        timeout=deadline.timeout(started),
+                        timeout=deadline.timeout(started) if request.grpc else deadline.remaining(started),
                         protocol=self._protocol,
                     )
             except SidecarError as err:

@@ -258,7 +258,7 @@ class Outbound:
         limited = self.forwarder.body(request)
         limit = GRPC_REPLAY_LIMIT if request.grpc else REPLAY_LIMIT
         body = ReplayBuffer(limited, limit) if limited is not None else None
-        te = te_trailers(request) or request.grpc
+        te = request.version == HTTP2 and (request.grpc or te_trailers(request))
         tried: set[str] = set()
         tries = _Tries()
         while True:
