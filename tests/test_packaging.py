@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -37,7 +38,7 @@ def test_wheel_contains_every_module_and_requires_every_import(tmp_path: Path) -
         names = set(zf.namelist())
         metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
         requires = [
-            line.split(":", 1)[1].strip().split(";")[0].split(">")[0].split("=")[0].strip().lower()
+            re.match(r"[A-Za-z0-9._-]+", line.split(":", 1)[1].strip()).group(0).lower()  # type: ignore[union-attr]
             for line in zf.read(metadata).decode().splitlines()
             if line.startswith("Requires-Dist:") and "extra ==" not in line
         ]
