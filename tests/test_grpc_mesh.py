@@ -181,6 +181,15 @@ def test_no_upstream_stream_outlives_its_call(stack: Stack) -> None:
     wait_for(settled, 5, what="no HTTP/2 stream left open to an upstream")
 
 
+def test_a_busy_client_connection_is_not_taken_for_a_flood(stack: Stack) -> None:
+    """grpcio sends a connection WINDOW_UPDATE after every answer: 2,500 calls on one
+    channel in a few seconds are ordinary traffic, not a control-frame flood."""
+    with stack.channel() as channel:
+        unary = channel.unary_unary("/test.Echo/Unary")
+        for _ in range(2500):
+            assert unary(b"w", timeout=10).endswith(b":w")
+
+
 def test_grpc_timeout_is_the_deadline_and_reaches_the_app_shrunk(stack: Stack) -> None:
     with stack.channel() as channel:
         left = float(channel.unary_unary("/test.Echo/Deadline")(b"", timeout=3))

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 HTTP2 = HttpVersion(2, 0)
 # Non-request frames a client may send per 10 s window before it counts as a flood.
 CONTROL_LIMIT = 2000
+# Stream WINDOW_UPDATEs allowed per request the client sends, on top of CONTROL_LIMIT.
+UPDATES_PER_STREAM = 4
 # Streams a client may reset before their answer, per 10 s window (rapid reset).
 RESET_LIMIT = 1000
 # The preface and the 9-byte header of the first frame, which must be SETTINGS (type 4).
@@ -281,6 +283,9 @@ class H2ServerConnection(asyncio.Protocol):
         self._blocked: set[int] = set()  # streams waiting for a window
         self._control = FloodGuard(CONTROL_LIMIT)
         self._resets = FloodGuard(RESET_LIMIT)
+        # stream WINDOW_UPDATEs nothing waited for: clients send a few per stream as they
+        # read (grpcio does), so each request earns some (see _request)
+        self._updates = FloodGuard(CONTROL_LIMIT)
         self._paused = False
         self._flush_scheduled = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -394,13 +399,13 @@ class H2ServerConnection(asyncio.Protocol):
                 self._lost(stream, ConnectionResetError("the client reset the stream"))
         elif kind is ev.WindowUpdated:
             if event.stream_id == 0:
-                if not self._blocked and self._control.hit(self._loop.time()):
-                    self._calm("window updates")
+                # not counted: clients such as grpcio send one after every answer, and
+                # with no stream blocked it costs nothing
                 for stream_id in list(self._blocked):
                     self._flush_stream(stream_id)
             elif event.stream_id in self._blocked:
                 self._flush_stream(event.stream_id)
-            elif self._control.hit(self._loop.time()):
+            elif self._updates.hit(self._loop.time()):
                 self._calm("window updates")
         elif kind is ev.TrailersReceived:
             stream = self._streams.get(event.stream_id)
@@ -423,6 +428,7 @@ class H2ServerConnection(asyncio.Protocol):
             self._h2.reset_stream(stream_id, h2_core.REFUSED_STREAM)
             return
         stream = _Stream(stream_id)
+        self._updates.hit(self._loop.time(), -UPDATES_PER_STREAM)
         pseudo, regular = h2_core.decode_fields(event.headers)
         if event.stream_ended is None:
             stream.body = StreamBody(functools.partial(self._ack, stream_id))
