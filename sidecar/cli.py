@@ -445,8 +445,16 @@ def _c_parser_problem() -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's parsing, but every usage error is one line and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    command: click.Command = cli
+    prog_name = "micro-sidecar"
+    if args and not args[0].startswith("-"):
+        from .commands import COMMANDS
+
+        if args[0] in COMMANDS:  # micro-sidecar services|call|status ...
+            command, prog_name, args = COMMANDS[args[0]], f"micro-sidecar {args[0]}", args[1:]
     try:
-        cli.main(args=argv, prog_name="micro-sidecar", standalone_mode=False)
+        command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
         sys.exit(2)
