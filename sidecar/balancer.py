@@ -36,6 +36,9 @@ Rules of this file:
   robin ignores the score;
 - a pick scans at most SCAN_LIMIT endpoints (a few random draws beyond that), reads the
   clock once and allocates at most the candidate list and P2C's sample of two;
+- a release that is not "cancelled" reads the clock once and adds to its endpoint's
+  `successes` or `failures` and to its `latency` average (time since the acquire): the
+  per-instance figures of the dashboard, at the cost of two float operations;
 - nothing here does I/O or reads the clock except through the injected `now`, but for
   `describe`, which also shows the end of an ejection as a wall-clock time.
 """
@@ -61,6 +64,9 @@ DRAWS = 16
 # A failure score under this counts as no score at all (so one old failure does not keep
 # losing every tie of P2C's comparison).
 SCORE_FLOOR = 0.5
+# The weight of the newest answer in an endpoint's latency average (for the dashboard):
+# about the last ten answers count.
+LATENCY_WEIGHT = 0.1
 
 # What became of a leased request: an HTTP status when the endpoint answered (5xx counts
 # as a failure), a failure kind when it did not, "cancelled" when the caller went away
@@ -89,6 +95,10 @@ class EndpointStats:
     ejection_reason: EjectionReason | None = None  # why the latest ejection happened
     requests: int = 0
     failures: int = 0
+    successes: int = 0
+    # seconds from acquire to release of its answered requests (not the cancelled ones),
+    # an exponentially weighted average (LATENCY_WEIGHT); 0.0 before the first
+    latency: float = 0.0
     # the last `failure_window` outcomes in rotation, one bit each (1: failed), newest lowest
     recent: int = 0
     recent_count: int = 0
@@ -119,6 +129,7 @@ class Lease:
     stats: EndpointStats
     released: bool = False
     probe: bool = False  # this request is the ejected endpoint's probe
+    started: float = 0.0  # when it was acquired, on the balancer's clock
 
     def __repr__(self) -> str:
         state = "released" if self.released else "open"
@@ -239,7 +250,7 @@ class Balancer:
         stats.outstanding += 1
         stats.requests += 1
         svc.outstanding += 1
-        return Lease(service, stats.instance, stats, probe=probe)
+        return Lease(service, stats.instance, stats, probe=probe, started=now)
 
     def release(self, lease: Lease, outcome: Outcome) -> None:
         """Give `lease` back with what became of the request; updates ejection state."""
@@ -256,13 +267,17 @@ class Balancer:
         if outcome == "cancelled":
             return
         failed = is_failure(outcome)
-        until = stats.ejected_until
-        if not failed and until is None:  # the common case: a success, never ejected
-            stats.consecutive_failures = 0
-            self._record(stats, 0)
-            return
         now = self.now()
-        if failed:
+        latency, elapsed = stats.latency, now - lease.started
+        stats.latency = elapsed if latency == 0.0 else latency + LATENCY_WEIGHT * (elapsed - latency)
+        until = stats.ejected_until
+        if not failed:
+            stats.successes += 1
+            if until is None:  # the common case: a success, never ejected
+                stats.consecutive_failures = 0
+                self._record(stats, 0)
+                return
+        else:
             stats.failures += 1
             self._add_score(stats, now)
         if until is not None and now < until:  # ejected: only its probe counts
@@ -488,6 +503,8 @@ class Balancer:
                     "ejections": s.ejections,
                     "requests": s.requests,
                     "failures": s.failures,
+                    "successes": s.successes,
+                    "latency_ms": round(s.latency * 1000.0, 3) if s.successes + s.failures else None,
                 }
             )
         return out
